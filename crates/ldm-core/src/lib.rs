@@ -3,6 +3,7 @@
 //! image/array I/O.
 pub mod error;
 pub mod image;
+pub mod npy;
 pub mod rng;
 pub mod weights;
 
