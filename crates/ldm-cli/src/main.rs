@@ -1,1 +1,140 @@
-fn main() {}
+//! `ldm`: the command-line front end. Flags become a `GenerateRequest`; everything else lives in the library
+//! crates (STYLE P9).
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use ldm_pipeline::{ConfigOverride, GenerateRequest, PipelineError};
+
+mod info;
+mod txt2img;
+
+#[derive(Parser)]
+#[command(name = "ldm", version, about = "Latent diffusion (Stable Diffusion) in Rust")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate images from a text prompt.
+    Txt2img(Txt2imgArgs),
+    /// Describe a checkpoint: form, family, prediction type, dtypes, parameters per component.
+    Info {
+        /// A .safetensors / .ckpt file or a diffusers folder.
+        path: PathBuf,
+        /// Config override: an original YAML file or a preset (sd1, sd2).
+        #[arg(long)]
+        config: Option<String>,
+    },
+}
+
+#[derive(Args)]
+struct Txt2imgArgs {
+    /// The prompt (or use --prompt).
+    #[arg(value_name = "TEXT", conflicts_with = "prompt")]
+    text: Option<String>,
+    #[arg(long)]
+    prompt: Option<String>,
+    /// Checkpoint: single-file .safetensors / .ckpt, or a diffusers folder.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Original inference YAML (e.g. v1-inference.yaml) or a preset name (sd1, sd2).
+    #[arg(long)]
+    config: Option<String>,
+    #[arg(long, default_value = "")]
+    negative_prompt: String,
+    #[arg(long, default_value_t = 20)]
+    steps: usize,
+    #[arg(long, default_value_t = 7.5)]
+    cfg_scale: f64,
+    /// ddim, plms, ddpm, euler, euler-a, heun, lms, dpmpp-2m
+    #[arg(long, default_value = "euler-a")]
+    sampler: String,
+    /// Karras noise levels (euler, euler-a, heun, lms, dpmpp-2m).
+    #[arg(long)]
+    karras: bool,
+    /// DDIM's η (0 = deterministic).
+    #[arg(long, default_value_t = 0.0)]
+    eta: f64,
+    #[arg(long)]
+    width: Option<usize>,
+    #[arg(long)]
+    height: Option<usize>,
+    /// Same seed, same image as diffusers with a CPU generator of this seed.
+    #[arg(long)]
+    seed: Option<u64>,
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Initial latent noise: float32 .npy of shape [batch, C, H/f, W/f], unit variance.
+    #[arg(long, value_name = "FILE.npy")]
+    noise: Option<PathBuf>,
+    #[arg(long, short, default_value = "ldm-output.png")]
+    output: PathBuf,
+}
+
+/// The model used when `--model` is not given: `$LDM_MODEL`, else an error saying how to choose one.
+fn default_model() -> anyhow::Result<PathBuf> {
+    match std::env::var_os("LDM_MODEL") {
+        Some(p) => Ok(PathBuf::from(p)),
+        None => anyhow::bail!(
+            "no model: pass --model PATH (a .safetensors/.ckpt file or a diffusers folder) or set LDM_MODEL"
+        ),
+    }
+}
+
+fn config_override(c: &Option<String>) -> Option<ConfigOverride> {
+    c.as_deref().map(ConfigOverride::parse)
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Info { path, config } => info::run(&path, config_override(&config).as_ref()),
+        Command::Txt2img(a) => {
+            let prompt = a.text.or(a.prompt).context("no prompt: give it as an argument or with --prompt")?;
+            let model = match a.model {
+                Some(m) => m,
+                None => default_model()?,
+            };
+            let req = GenerateRequest {
+                prompt,
+                negative_prompt: a.negative_prompt,
+                steps: a.steps,
+                cfg_scale: a.cfg_scale,
+                sampler: a.sampler,
+                karras: a.karras,
+                eta: a.eta,
+                width: a.width,
+                height: a.height,
+                seed: a.seed,
+                batch: a.batch,
+                noise: a.noise,
+            };
+            txt2img::run(&model, config_override(&a.config).as_ref(), &req, &a.output)
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            let usage = matches!(e.downcast_ref::<PipelineError>(), Some(PipelineError::Invalid { .. }));
+            ExitCode::from(if usage { 2 } else { 1 })
+        }
+    }
+}
+
+/// `out.png` for one image, `out-<i>.png` for a batch.
+pub(crate) fn output_path(base: &Path, index: usize, batch: usize) -> PathBuf {
+    if batch == 1 {
+        return base.to_path_buf();
+    }
+    let stem = base.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "ldm-output".into());
+    let ext = base.extension().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "png".into());
+    base.with_file_name(format!("{stem}-{index}.{ext}"))
+}

@@ -1,1 +1,15 @@
-//! ldm-pipeline
+//! ldm-pipeline: the only crate that joins models and samplers — opening checkpoints in their three forms,
+//! building the networks strictly, and the generation tasks.
+pub mod error;
+pub mod infotext;
+pub mod load;
+pub mod models;
+pub mod request;
+pub mod source;
+pub mod spec;
+pub mod txt2img;
+
+pub use error::{PipelineError, Result};
+pub use load::{open, ConfigOverride, Opened};
+pub use models::SdModels;
+pub use request::{GenerateRequest, ValidRequest};

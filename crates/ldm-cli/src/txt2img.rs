@@ -1,0 +1,63 @@
+//! `ldm txt2img`.
+use std::path::Path;
+
+use anyhow::Context;
+use candle_core::Device;
+use indicatif::{ProgressBar, ProgressStyle};
+use ldm_core::image::RgbImage;
+use ldm_pipeline::infotext::{infotext, py_float};
+use ldm_pipeline::request::a1111_sampler_name;
+use ldm_pipeline::{ConfigOverride, GenerateRequest, SdModels};
+
+pub fn run(model: &Path, config: Option<&ConfigOverride>, req: &GenerateRequest, output: &Path) -> anyhow::Result<()> {
+    let opened = ldm_pipeline::open(model, config)?;
+    let random_seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64 & 0xFFFF_FFFF)
+        .unwrap_or(0);
+    // Validate before the (slow) weight loading, so a bad request fails at once.
+    let valid = req.validate(&opened.spec, random_seed)?;
+    if let Some(dir) = output.parent().filter(|p| !p.as_os_str().is_empty()) {
+        anyhow::ensure!(dir.is_dir(), "output folder {} does not exist", dir.display());
+    }
+    let model_name = model.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let models = SdModels::build(opened, &Device::Cpu)?;
+
+    let bar = ProgressBar::new(0).with_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} steps [{elapsed_precise}<{eta_precise}]")
+            .context("progress bar template")?,
+    );
+    let mut progress = |done: usize, total: usize| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    };
+    let out = ldm_pipeline::txt2img::txt2img(&models, &valid, &mut progress)?;
+    bar.finish_and_clear();
+
+    let mut fields = vec![
+        ("Steps", valid.steps.to_string()),
+        ("Sampler", a1111_sampler_name(valid.sampler, valid.karras)),
+        ("CFG scale", py_float(valid.cfg_scale)),
+        ("Seed", valid.seed.to_string()),
+        ("Size", format!("{}x{}", valid.width, valid.height)),
+        ("Model", model_name),
+    ];
+    if valid.eta != 0.0 {
+        fields.push(("Eta", py_float(valid.eta)));
+    }
+    if valid.batch > 1 {
+        fields.push(("Batch size", valid.batch.to_string()));
+    }
+    for i in 0..valid.batch {
+        let mut f = fields.clone();
+        if valid.batch > 1 {
+            f.push(("Batch pos", i.to_string()));
+        }
+        let text = infotext(&valid.prompt, &valid.negative_prompt, &f);
+        let img = RgbImage::from_tensor(&out.images.get(i)?)?;
+        let path = crate::output_path(output, i, valid.batch);
+        img.save_png(&path, &[("parameters", &text)])?;
+        println!("{}", path.display());
+    }
+    Ok(())
+}

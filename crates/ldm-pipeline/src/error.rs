@@ -1,0 +1,37 @@
+//! The error type of ldm-pipeline.
+use std::path::PathBuf;
+
+pub type Result<T> = std::result::Result<T, PipelineError>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: not a checkpoint: {reason}")]
+    NotACheckpoint { path: PathBuf, reason: String },
+    #[error("{path}: {reason}")]
+    Unsupported { path: PathBuf, reason: String },
+    #[error("invalid request: {field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
+    #[error(transparent)]
+    Core(#[from] ldm_core::Error),
+    #[error(transparent)]
+    Ckpt(#[from] ldm_core::ckpt::CkptError),
+    #[error(transparent)]
+    Load(#[from] ldm_core::weights::LoadReport),
+    #[error(transparent)]
+    Config(#[from] ldm_models::original_config::ConfigError),
+    #[error("{0}")]
+    Model(String),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+impl PipelineError {
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        PipelineError::Io { path: path.into(), source }
+    }
+    pub fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
+        PipelineError::Invalid { field, reason: reason.into() }
+    }
+}

@@ -1,0 +1,260 @@
+//! Opening a checkpoint in any of its forms into a [`WeightStore`] under canonical keys plus a [`ModelSpec`].
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use ldm_core::weights::{SafetensorsFile, WeightStore};
+use ldm_models::import::{self, Conversion, KeyMap};
+use ldm_models::original_config::OriginalConfig;
+use ldm_models::text::{Activation, TextConfig, TextLayout, TextOutput};
+use ldm_models::tokenizer::{ClipTokenizer, Pad};
+use ldm_models::unet::{HeadSpec, UnetConfig};
+use ldm_models::autoencoder::{AutoencoderKlConfig, DdConfig};
+use ldm_sampling::SchedulerConfig;
+
+use crate::error::{PipelineError, Result};
+use crate::source::{detect_form, CheckpointForm};
+use crate::spec::{detect_family, Family, ModelSpec, CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX};
+
+/// How the user overrides the config: a YAML file or a preset name.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ConfigOverride {
+    Yaml(PathBuf),
+    Preset(Family),
+}
+
+impl ConfigOverride {
+    /// `--config` value: a preset name (`sd1`, `sd2`, `v1-inference`, `v2-inference`) or a path to a YAML file.
+    pub fn parse(value: &str) -> Self {
+        match value {
+            "sd1" | "sd-v1" | "v1-inference" => Self::Preset(Family::Sd1),
+            "sd2" | "sd-v2" | "v2-inference" => Self::Preset(Family::Sd2),
+            _ => Self::Yaml(PathBuf::from(value)),
+        }
+    }
+}
+
+/// A checkpoint opened for inference: weights under canonical keys (not yet read for single files), the
+/// component configs and the tokenizer.
+pub struct Opened {
+    pub form: CheckpointForm,
+    pub store: Arc<WeightStore>,
+    pub spec: ModelSpec,
+    pub tokenizer: ClipTokenizer,
+    /// Where the spec came from, for `ldm info`.
+    pub config_source: String,
+}
+
+/// Opens `path` (single-file safetensors or ckpt, or a diffusers folder).
+pub fn open(path: &Path, config: Option<&ConfigOverride>) -> Result<Opened> {
+    let form = detect_form(path)?;
+    match &form {
+        CheckpointForm::Diffusers(dir) => open_diffusers(dir, form.clone()),
+        CheckpointForm::Safetensors(p) => {
+            let file = Arc::new(SafetensorsFile::open(p)?);
+            let mut store = WeightStore::new(p.display().to_string());
+            store.add_file(&file, "");
+            finish_single_file(form, store, config)
+        }
+        CheckpointForm::Ckpt(p) => {
+            let ckpt = ldm_core::ckpt::read_ckpt(p)?;
+            let mut store = WeightStore::new(p.display().to_string());
+            for (k, t) in ckpt.tensors {
+                store.insert(&k, t);
+            }
+            finish_single_file(form, store, config)
+        }
+    }
+}
+
+fn finish_single_file(form: CheckpointForm, store: WeightStore, config: Option<&ConfigOverride>) -> Result<Opened> {
+    let path = form.path().to_path_buf();
+    let family = detect_family(&store).map_err(|reason| PipelineError::Unsupported { path: path.clone(), reason })?;
+    let beside = path.with_extension("yaml");
+    let (spec, config_source) = match config {
+        Some(ConfigOverride::Preset(f)) => (ModelSpec::preset(*f, &store)?, format!("preset {}", f.name())),
+        Some(ConfigOverride::Yaml(y)) => {
+            (ModelSpec::from_original(&OriginalConfig::load(y)?, &store, &y.display().to_string())?, y.display().to_string())
+        }
+        None if beside.is_file() => (
+            ModelSpec::from_original(&OriginalConfig::load(&beside)?, &store, &beside.display().to_string())?,
+            beside.display().to_string(),
+        ),
+        None => (ModelSpec::preset(family, &store)?, format!("preset {} (detected)", family.name())),
+    };
+    if spec.family != family {
+        return Err(PipelineError::Unsupported {
+            path,
+            reason: format!("the config describes {} but the weights are {}", spec.family.name(), family.name()),
+        });
+    }
+    let tokenizer = builtin_tokenizer(family)?;
+    Ok(Opened { form, store: Arc::new(store), spec, tokenizer, config_source })
+}
+
+fn builtin_tokenizer(family: Family) -> Result<ClipTokenizer> {
+    let t = ClipTokenizer::builtin();
+    match family {
+        Family::Sd1 => Ok(t),
+        Family::Sd2 => t.with_padding(Pad::sd2()).map_err(|e| PipelineError::Model(e.to_string())),
+    }
+}
+
+fn read_json<T>(path: &Path, parse: impl Fn(&Path) -> import::Result<T>) -> Result<T> {
+    if !path.is_file() {
+        return Err(PipelineError::NotACheckpoint {
+            path: path.to_path_buf(),
+            reason: "missing file of the diffusers folder".into(),
+        });
+    }
+    parse(path).map_err(|e| PipelineError::Model(format!("{}: {e}", path.display())))
+}
+
+/// The weights file of a diffusers component folder (`diffusion_pytorch_model.safetensors` / `model.safetensors`,
+/// or their `.fp16` variants).
+fn component_file(dir: &Path) -> Result<PathBuf> {
+    for name in [
+        "diffusion_pytorch_model.safetensors",
+        "model.safetensors",
+        "diffusion_pytorch_model.fp16.safetensors",
+        "model.fp16.safetensors",
+    ] {
+        let p = dir.join(name);
+        if p.is_file() {
+            return Ok(p);
+        }
+    }
+    Err(PipelineError::NotACheckpoint {
+        path: dir.to_path_buf(),
+        reason: "no .safetensors weights in this diffusers component folder (.bin files are not read)".into(),
+    })
+}
+
+/// Adds a diffusers component file to `store` under canonical names, lazily (the file stays memory-mapped).
+fn add_mapped(store: &mut WeightStore, dir: &Path, map: &KeyMap, prefix: &str) -> Result<()> {
+    let path = component_file(dir)?;
+    let file = Arc::new(SafetensorsFile::open(&path)?);
+    let mut unknown = Vec::new();
+    for name in file.names() {
+        match map.entries().iter().find(|e| e.diffusers == name) {
+            Some(e) => {
+                let reshape = match e.conversion {
+                    Conversion::Identity => None,
+                    Conversion::Reshape => Some(e.canonical_shape.clone()),
+                    Conversion::RowBlock { .. } => {
+                        return Err(PipelineError::Model(format!("{}: `{name}` needs a fused tensor", path.display())))
+                    }
+                };
+                store.add_from_file(&format!("{prefix}.{}", e.canonical), &file, name, reshape);
+            }
+            None if map.ignores_diffusers(name) => {}
+            None => unknown.push(name.to_string()),
+        }
+    }
+    if !unknown.is_empty() {
+        unknown.sort();
+        return Err(PipelineError::Model(format!(
+            "{}: {} tensors the {} config does not describe (first: `{}`)",
+            path.display(),
+            unknown.len(),
+            dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+            unknown[0]
+        )));
+    }
+    Ok(())
+}
+
+fn open_diffusers(dir: &Path, form: CheckpointForm) -> Result<Opened> {
+    let unet_cfg = read_json(&dir.join("unet/config.json"), import::DiffusersUnetConfig::from_file)?;
+    let vae_cfg = read_json(&dir.join("vae/config.json"), import::DiffusersVaeConfig::from_file)?;
+    let text_cfg = read_json(&dir.join("text_encoder/config.json"), import::DiffusersClipConfig::from_file)?;
+    let model_err = |e: import::ImportError| PipelineError::Model(format!("{}: {e}", dir.display()));
+    let ua = unet_cfg.arch().map_err(model_err)?;
+    let va = vae_cfg.arch().map_err(model_err)?;
+    let ca = text_cfg.arch().map_err(model_err)?;
+
+    let mut store = WeightStore::new(dir.display().to_string());
+    add_mapped(&mut store, &dir.join("unet"), &import::unet_key_map_for(&ua).map_err(model_err)?, UNET_PREFIX)?;
+    add_mapped(&mut store, &dir.join("vae"), &import::vae_key_map_for(&va).map_err(model_err)?, VAE_PREFIX)?;
+    add_mapped(&mut store, &dir.join("text_encoder"), &import::clip_key_map_for(&ca).map_err(model_err)?, CLIP_PREFIX)?;
+
+    let uniform = |v: &[usize], what: &str| -> Result<usize> {
+        match v.first() {
+            Some(&x) if v.iter().all(|&y| y == x) => Ok(x),
+            _ => Err(PipelineError::Unsupported {
+                path: dir.to_path_buf(),
+                reason: format!("per-level {what} {v:?} (ldm-rs's UNet takes one value for all levels)"),
+            }),
+        }
+    };
+    let unet = UnetConfig {
+        in_channels: ua.in_channels,
+        out_channels: ua.out_channels,
+        model_channels: ua.model_channels,
+        channel_mult: ua.channel_mult.clone(),
+        num_res_blocks: uniform(&ua.res_blocks, "layers_per_block")?,
+        attention_levels: ua.attention_levels.clone(),
+        heads: match ua.heads {
+            import::Heads::Count(n) => HeadSpec::Count(n),
+            import::Heads::Dim(d) => HeadSpec::Dim(d),
+        },
+        transformer_depth: uniform(&ua.transformer_depth, "transformer_layers_per_block")?,
+        context_dim: ua.context_dim,
+        use_linear_in_transformer: ua.linear_projection,
+        num_groups: ua.norm_groups,
+    };
+    unet.validate().map_err(|e| PipelineError::Model(format!("{}: {e}", dir.display())))?;
+    let vae = AutoencoderKlConfig {
+        embed_dim: va.embed_dim,
+        ddconfig: DdConfig {
+            ch: va.ch,
+            out_ch: va.out_channels,
+            ch_mult: va.ch_mult.clone(),
+            num_res_blocks: va.num_res_blocks,
+            attn_resolutions: vec![],
+            in_channels: va.in_channels,
+            resolution: 256,
+            z_channels: va.z_channels,
+            double_z: true,
+            num_groups: va.norm_groups,
+        },
+    };
+    let (family, activation) = match ca.activation {
+        import::Activation::QuickGelu => (Family::Sd1, Activation::QuickGelu),
+        import::Activation::Gelu => (Family::Sd2, Activation::Gelu),
+    };
+    let text = TextConfig {
+        vocab_size: ca.vocab_size,
+        hidden: ca.hidden_size,
+        layers: ca.layers,
+        heads: ca.heads,
+        intermediate: ca.intermediate_size,
+        max_positions: ca.max_positions,
+        activation,
+        output: TextOutput::Last,
+    };
+    let sched_path = dir.join("scheduler/scheduler_config.json");
+    let scheduler = if sched_path.is_file() {
+        let text = std::fs::read_to_string(&sched_path).map_err(|e| PipelineError::io(&sched_path, e))?;
+        SchedulerConfig::from_json_str(&text)
+            .map_err(|e| PipelineError::Model(format!("{}: {e}", sched_path.display())))?
+    } else {
+        SchedulerConfig::sd_default()
+    };
+    let tok_dir = dir.join("tokenizer");
+    let tokenizer = if tok_dir.is_dir() {
+        ClipTokenizer::from_dir_or_builtin(&tok_dir).map_err(|e| PipelineError::Model(format!("{}: {e}", tok_dir.display())))?
+    } else {
+        builtin_tokenizer(family)?
+    };
+    let spec = ModelSpec {
+        family,
+        unet,
+        vae,
+        text,
+        text_layout: TextLayout::Hf,
+        latent_scale: va.scaling_factor,
+        scheduler,
+        text_prefix: CLIP_PREFIX.to_string(),
+    };
+    Ok(Opened { form, store: Arc::new(store), spec, tokenizer, config_source: format!("{}/*/config.json", dir.display()) })
+}

@@ -1,0 +1,141 @@
+//! A txt2img request as the CLI (and later the server) states it, and its validation against a model
+//! (STYLE P9): pipelines accept only a [`ValidRequest`].
+use std::path::PathBuf;
+
+use ldm_sampling::SamplerKind;
+
+use crate::error::{PipelineError, Result};
+use crate::spec::ModelSpec;
+
+/// Largest side accepted, in pixels; a guard against requests that would exhaust memory by accident.
+pub const MAX_SIDE: usize = 8192;
+/// Largest batch and step count accepted.
+pub const MAX_BATCH: usize = 64;
+pub const MAX_STEPS: usize = 1000;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerateRequest {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub steps: usize,
+    pub cfg_scale: f64,
+    pub sampler: String,
+    pub karras: bool,
+    pub eta: f64,
+    /// None: the model's native size (8 × the UNet's training latent size is unknown in general, so 512).
+    pub width: Option<usize>,
+    pub height: Option<usize>,
+    pub seed: Option<u64>,
+    pub batch: usize,
+    /// A float32 `.npy` of the initial latent noise, unit variance, [batch, C, H/f, W/f].
+    pub noise: Option<PathBuf>,
+}
+
+impl Default for GenerateRequest {
+    fn default() -> Self {
+        Self {
+            prompt: String::new(),
+            negative_prompt: String::new(),
+            steps: 20,
+            cfg_scale: 7.5,
+            sampler: "euler-a".into(),
+            karras: false,
+            eta: 0.0,
+            width: None,
+            height: None,
+            seed: None,
+            batch: 1,
+            noise: None,
+        }
+    }
+}
+
+/// A request checked against the model it will run on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidRequest {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub steps: usize,
+    pub cfg_scale: f64,
+    pub sampler: SamplerKind,
+    pub karras: bool,
+    pub eta: f64,
+    pub width: usize,
+    pub height: usize,
+    pub seed: u64,
+    pub batch: usize,
+    pub noise: Option<PathBuf>,
+}
+
+impl GenerateRequest {
+    /// Checks every field; `random_seed` is used when no seed was asked for.
+    pub fn validate(&self, spec: &ModelSpec, random_seed: u64) -> Result<ValidRequest> {
+        let sampler: SamplerKind = self.sampler.parse().map_err(|_| {
+            PipelineError::invalid(
+                "sampler",
+                format!("unknown sampler `{}` (one of: ddim, plms, ddpm, euler, euler-a, heun, lms, dpmpp-2m)", self.sampler),
+            )
+        })?;
+        if self.steps == 0 {
+            return Err(PipelineError::invalid("steps", "must be at least 1"));
+        }
+        if self.steps > MAX_STEPS {
+            return Err(PipelineError::invalid("steps", format!("{} is more than {MAX_STEPS}", self.steps)));
+        }
+        if self.batch == 0 || self.batch > MAX_BATCH {
+            return Err(PipelineError::invalid("batch", format!("{} is not in 1..={MAX_BATCH}", self.batch)));
+        }
+        if !self.cfg_scale.is_finite() || self.cfg_scale < 0.0 {
+            return Err(PipelineError::invalid("cfg-scale", format!("{} is not a finite number >= 0", self.cfg_scale)));
+        }
+        if !self.eta.is_finite() || self.eta < 0.0 {
+            return Err(PipelineError::invalid("eta", format!("{} is not a finite number >= 0", self.eta)));
+        }
+        if self.karras && !sampler.supports_karras() {
+            return Err(PipelineError::invalid("karras", format!("the {} sampler has no Karras schedule", sampler.name())));
+        }
+        let m = spec.size_multiple();
+        let default_side = 64 * spec.vae_factor();
+        let side = |v: Option<usize>, field: &'static str| -> Result<usize> {
+            let v = v.unwrap_or(default_side);
+            if v == 0 || v > MAX_SIDE {
+                return Err(PipelineError::invalid(field, format!("{v} is not in 1..={MAX_SIDE}")));
+            }
+            if v % m != 0 {
+                return Err(PipelineError::invalid(field, format!("{v} is not a multiple of {m} (this model's f × UNet downsampling)")));
+            }
+            Ok(v)
+        };
+        let width = side(self.width, "width")?;
+        let height = side(self.height, "height")?;
+        Ok(ValidRequest {
+            prompt: self.prompt.clone(),
+            negative_prompt: self.negative_prompt.clone(),
+            steps: self.steps,
+            cfg_scale: self.cfg_scale,
+            sampler,
+            karras: self.karras,
+            eta: self.eta,
+            width,
+            height,
+            seed: self.seed.unwrap_or(random_seed),
+            batch: self.batch,
+            noise: self.noise.clone(),
+        })
+    }
+}
+
+/// AUTOMATIC1111's display name of a sampler (as its infotext and API spell them).
+pub fn a1111_sampler_name(kind: SamplerKind, karras: bool) -> String {
+    let base = match kind {
+        SamplerKind::Ddim => "DDIM",
+        SamplerKind::Plms => "PLMS",
+        SamplerKind::Ddpm => "DDPM",
+        SamplerKind::Euler => "Euler",
+        SamplerKind::EulerAncestral => "Euler a",
+        SamplerKind::Heun => "Heun",
+        SamplerKind::Lms => "LMS",
+        SamplerKind::DpmPp2m => "DPM++ 2M",
+    };
+    if karras { format!("{base} Karras") } else { base.to_string() }
+}

@@ -1,0 +1,111 @@
+//! Text-to-image (Rombach et al. 2022, Sec. 3.3 with classifier-free guidance, Ho & Salimans 2021), step for
+//! step as diffusers' `StableDiffusionPipeline.__call__` does it:
+//!
+//! 1. context c = τ(prompt), and for guidance the unconditional context τ(negative prompt or ""), stacked as
+//!    [uncond × B; cond × B];
+//! 2. unit noise z_T ~ N(0, I) of shape [B, C, H/f, W/f] — one `randn` of the whole batch from the seeded
+//!    generator (or a user's `.npy`);
+//! 3. the sampler's loop on the denoiser built from the UNet ε_θ (or v_θ), with per-step noise drawn from the
+//!    same generator after the initial draw;
+//! 4. x = D(z_0 / scale), mapped from [−1, 1] to [0, 1].
+use candle_core::{DType, Tensor};
+use ldm_core::rng::{NoiseRng, TorchRng};
+use ldm_sampling::{denoiser_for, guidance_enabled, prepare, run, Cfg, NoisePredictor, Step};
+
+use crate::error::{PipelineError, Result};
+use crate::models::SdModels;
+use crate::request::ValidRequest;
+
+/// The UNet with a fixed context, as the sampler sees it.
+struct UnetPredictor<'a> {
+    models: &'a SdModels,
+    /// [B', L, D], B' equal to the batch the sampler passes.
+    context: Tensor,
+}
+
+impl NoisePredictor for UnetPredictor<'_> {
+    fn predict(&self, x_in: &Tensor, t: f64) -> ldm_sampling::Result<Tensor> {
+        let b = x_in.dim(0)?;
+        let t = Tensor::full(t as f32, b, x_in.device())?;
+        Ok(self.models.unet.forward(x_in, &t, &self.context)?)
+    }
+}
+
+/// What txt2img returns.
+pub struct Generated {
+    /// Final latents in UNet space, [B, C, h, w].
+    pub latents: Tensor,
+    /// Decoded images in [0, 1], [B, 3, H, W].
+    pub images: Tensor,
+}
+
+/// Progress of a run: (model evaluations done, total).
+pub type Progress<'a> = &'a mut dyn FnMut(usize, usize);
+
+/// The initial unit-variance noise for `req`: the user's file, or one draw from `rng`.
+pub fn initial_noise(models: &SdModels, req: &ValidRequest, rng: &mut dyn NoiseRng) -> Result<Tensor> {
+    let f = models.spec.vae_factor();
+    let shape = [req.batch, models.spec.latent_channels(), req.height / f, req.width / f];
+    match &req.noise {
+        Some(path) => {
+            let npy = ldm_core::npy::read_npy_f32(path).map_err(|e| PipelineError::invalid("noise", e.to_string()))?;
+            if npy.shape != shape {
+                return Err(PipelineError::invalid(
+                    "noise",
+                    format!("{} has shape {:?}, this request needs {:?}", path.display(), npy.shape, shape),
+                ));
+            }
+            Ok(Tensor::from_vec(npy.data, &shape, &models.device)?)
+        }
+        None => {
+            let n = shape.iter().product();
+            Ok(Tensor::from_vec(rng.randn(n), &shape, &models.device)?)
+        }
+    }
+}
+
+/// Runs txt2img for `req`; `progress` is called after every model evaluation.
+pub fn txt2img(models: &SdModels, req: &ValidRequest, progress: Progress<'_>) -> Result<Generated> {
+    if models.spec.is_inpainting() {
+        return Err(PipelineError::invalid(
+            "model",
+            "this is an inpainting model (its UNet takes mask and image channels); txt2img needs a plain model",
+        ));
+    }
+    let plan = prepare(req.sampler, &models.spec.scheduler, req.steps, req.karras, req.eta)
+        .map_err(|e| PipelineError::invalid("sampler", e.to_string()))?;
+    let mut rng = TorchRng::new(req.seed);
+    let noise = initial_noise(models, req, &mut rng)?;
+    let b = req.batch;
+    let cond = models.encode_prompts(&[req.prompt.as_str()])?.repeat((b, 1, 1))?;
+    let latents = if guidance_enabled(req.cfg_scale) {
+        let uncond = models.encode_prompts(&[req.negative_prompt.as_str()])?.repeat((b, 1, 1))?;
+        let context = Tensor::cat(&[&uncond, &cond], 0)?;
+        let model = Cfg { inner: UnetPredictor { models, context }, scale: req.cfg_scale };
+        sample(&plan, models, model, &noise, &mut rng, progress)?
+    } else {
+        sample(&plan, models, UnetPredictor { models, context: cond }, &noise, &mut rng, progress)?
+    };
+    let images = decode(models, &latents)?;
+    Ok(Generated { latents, images })
+}
+
+fn sample<P: NoisePredictor>(
+    plan: &ldm_sampling::Plan,
+    models: &SdModels,
+    model: P,
+    noise: &Tensor,
+    rng: &mut dyn NoiseRng,
+    progress: Progress<'_>,
+) -> Result<Tensor> {
+    let denoiser = denoiser_for(models.spec.prediction(), model);
+    let mut on_step = |s: Step<'_>| progress(s.index + 1, s.total);
+    run(plan, denoiser.as_ref(), noise, rng, &mut on_step).map_err(|e| PipelineError::Model(e.to_string()))
+}
+
+/// Latents in UNet space → images in [0, 1].
+pub fn decode(models: &SdModels, latents: &Tensor) -> Result<Tensor> {
+    let z = (latents / models.spec.latent_scale)?;
+    let x = models.vae.decode(&z.to_dtype(models.dtype)?)?;
+    Ok(((x.to_dtype(DType::F32)? / 2.0)? + 0.5)?.clamp(0f32, 1f32)?)
+}
