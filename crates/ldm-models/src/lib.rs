@@ -1,1 +1,3 @@
 //! ldm-models
+pub mod autoencoder;
+pub mod text;
