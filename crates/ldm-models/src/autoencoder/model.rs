@@ -1,0 +1,279 @@
+//! The LDM first-stage `Encoder` and `Decoder` (`ldm/modules/diffusionmodules/model.py`,
+//! CompVis/stable-diffusion@21f890f), shared by the KL and VQ autoencoders.
+//!
+//! Resolution levels are indexed `0..L` from the finest (image resolution) to the coarsest, in BOTH
+//! networks: the decoder runs its `up.N` levels in reverse order (`up.{L-1}` first, `up.0` last), exactly
+//! as the original stores them. With `f = 2^(L-1)` the latent is `H/f × W/f`.
+//!
+//! | field              | meaning                                                                    |
+//! |--------------------|----------------------------------------------------------------------------|
+//! | `ch`               | base channel count; level `i` has `ch·ch_mult[i]` channels                 |
+//! | `num_res_blocks`   | ResNet blocks per encoder level (decoder levels have one more)             |
+//! | `attn_resolutions` | feature-map sizes (given `resolution` at level 0) that get an `AttnBlock`   |
+//! | `z_channels`       | latent channels at the encoder output / decoder input                      |
+//! | `double_z`         | the encoder emits `2·z_channels` (mean and log-variance)                   |
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{Conv2d, GroupNorm, VarBuilder};
+use serde::{Deserialize, Serialize};
+
+use super::blocks::{conv3x3, normalize, swish, AttnBlock, Downsample, ResnetBlock, Upsample};
+
+fn default_num_groups() -> usize {
+    32
+}
+
+/// `first_stage_config.params.ddconfig` of an LDM YAML (minus `dropout`, which inference ignores), plus
+/// the GroupNorm group count that the original hard-codes as 32.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DdConfig {
+    pub ch: usize,
+    pub out_ch: usize,
+    pub ch_mult: Vec<usize>,
+    pub num_res_blocks: usize,
+    pub attn_resolutions: Vec<usize>,
+    pub in_channels: usize,
+    pub resolution: usize,
+    pub z_channels: usize,
+    pub double_z: bool,
+    #[serde(default = "default_num_groups")]
+    pub num_groups: usize,
+}
+
+impl DdConfig {
+    /// The first stage of Stable Diffusion 1.x/2.x (`f = 8`, 4 latent channels).
+    pub fn sd() -> Self {
+        Self {
+            ch: 128,
+            out_ch: 3,
+            ch_mult: vec![1, 2, 4, 4],
+            num_res_blocks: 2,
+            attn_resolutions: vec![],
+            in_channels: 3,
+            resolution: 256,
+            z_channels: 4,
+            double_z: true,
+            num_groups: 32,
+        }
+    }
+
+    /// Spatial down-sampling factor `f = 2^(levels − 1)`.
+    pub fn downsample_factor(&self) -> usize {
+        1 << self.ch_mult.len().saturating_sub(1)
+    }
+
+    fn check(&self) -> Result<()> {
+        if self.ch_mult.is_empty() {
+            candle_core::bail!(
+                "DdConfig: ch_mult is empty, at least one resolution level is needed"
+            );
+        }
+        if self.ch_mult.contains(&0) || self.ch == 0 {
+            candle_core::bail!(
+                "DdConfig: zero channels (ch {}, ch_mult {:?})",
+                self.ch,
+                self.ch_mult
+            );
+        }
+        Ok(())
+    }
+}
+
+/// The ResNet blocks, attention blocks and resampler of one level (`down.N` / `up.N`).
+#[derive(Debug, Clone)]
+struct Level<R> {
+    blocks: Vec<ResnetBlock>,
+    attns: Vec<AttnBlock>, // empty or one per block
+    resample: Option<R>,
+}
+
+impl<R: Module> Level<R> {
+    fn forward(&self, mut h: Tensor) -> Result<Tensor> {
+        for (i, block) in self.blocks.iter().enumerate() {
+            h = block.forward(&h)?;
+            if let Some(attn) = self.attns.get(i) {
+                h = attn.forward(&h)?;
+            }
+        }
+        match &self.resample {
+            Some(r) => r.forward(&h),
+            None => Ok(h),
+        }
+    }
+}
+
+/// `mid.{block_1, attn_1, block_2}`.
+#[derive(Debug, Clone)]
+struct Mid {
+    block_1: ResnetBlock,
+    attn_1: AttnBlock,
+    block_2: ResnetBlock,
+}
+
+impl Mid {
+    fn new(ch: usize, groups: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            block_1: ResnetBlock::new(ch, ch, groups, vb.pp("block_1"))?,
+            attn_1: AttnBlock::new(ch, groups, vb.pp("attn_1"))?,
+            block_2: ResnetBlock::new(ch, ch, groups, vb.pp("block_2"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.block_2
+            .forward(&self.attn_1.forward(&self.block_1.forward(x)?)?)
+    }
+}
+
+/// The first-stage encoder: image `[B, in_channels, H, W]` → `[B, (2·)z_channels, H/f, W/f]`.
+#[derive(Debug, Clone)]
+pub struct Encoder {
+    conv_in: Conv2d,
+    down: Vec<Level<Downsample>>,
+    mid: Mid,
+    norm_out: GroupNorm,
+    conv_out: Conv2d,
+}
+
+impl Encoder {
+    /// `vb` at the encoder's key (e.g. `first_stage_model.encoder`).
+    pub fn new(cfg: &DdConfig, vb: VarBuilder) -> Result<Self> {
+        cfg.check()?;
+        let g = cfg.num_groups;
+        let levels = cfg.ch_mult.len();
+        let conv_in = conv3x3(cfg.in_channels, cfg.ch, 1, 1, vb.pp("conv_in"))?;
+        let mut block_in = cfg.ch;
+        let mut res = cfg.resolution;
+        let mut down = Vec::with_capacity(levels);
+        for (i, mult) in cfg.ch_mult.iter().enumerate() {
+            let vb_level = vb.pp(format!("down.{i}"));
+            let block_out = cfg.ch * mult;
+            let (mut blocks, mut attns) = (Vec::new(), Vec::new());
+            for j in 0..cfg.num_res_blocks {
+                blocks.push(ResnetBlock::new(
+                    block_in,
+                    block_out,
+                    g,
+                    vb_level.pp(format!("block.{j}")),
+                )?);
+                block_in = block_out;
+                if cfg.attn_resolutions.contains(&res) {
+                    attns.push(AttnBlock::new(
+                        block_in,
+                        g,
+                        vb_level.pp(format!("attn.{j}")),
+                    )?);
+                }
+            }
+            let resample = if i + 1 != levels {
+                res /= 2;
+                Some(Downsample::new(block_in, vb_level.pp("downsample"))?)
+            } else {
+                None
+            };
+            down.push(Level {
+                blocks,
+                attns,
+                resample,
+            });
+        }
+        let z_out = if cfg.double_z {
+            2 * cfg.z_channels
+        } else {
+            cfg.z_channels
+        };
+        Ok(Self {
+            conv_in,
+            down,
+            mid: Mid::new(block_in, g, vb.pp("mid"))?,
+            norm_out: normalize(block_in, g, vb.pp("norm_out"))?,
+            conv_out: conv3x3(block_in, z_out, 1, 1, vb.pp("conv_out"))?,
+        })
+    }
+}
+
+impl Module for Encoder {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut h = self.conv_in.forward(x)?; // [B, ch, H, W]
+        for level in &self.down {
+            h = level.forward(h)?;
+        }
+        let h = self.mid.forward(&h)?; // [B, ch·ch_mult[L-1], H/f, W/f]
+        self.conv_out.forward(&swish(&self.norm_out.forward(&h)?)?)
+    }
+}
+
+/// The first-stage decoder: latent `[B, z_channels, h, w]` → image `[B, out_ch, f·h, f·w]`.
+#[derive(Debug, Clone)]
+pub struct Decoder {
+    conv_in: Conv2d,
+    mid: Mid,
+    /// `up.0 .. up.{L-1}` in key order (finest first); `forward` runs them in reverse.
+    up: Vec<Level<Upsample>>,
+    norm_out: GroupNorm,
+    conv_out: Conv2d,
+}
+
+impl Decoder {
+    /// `vb` at the decoder's key (e.g. `first_stage_model.decoder`).
+    pub fn new(cfg: &DdConfig, vb: VarBuilder) -> Result<Self> {
+        cfg.check()?;
+        let g = cfg.num_groups;
+        let levels = cfg.ch_mult.len();
+        let mut block_in = cfg.ch * cfg.ch_mult[levels - 1];
+        let mut res = cfg.resolution >> (levels - 1);
+        let conv_in = conv3x3(cfg.z_channels, block_in, 1, 1, vb.pp("conv_in"))?;
+        let mid = Mid::new(block_in, g, vb.pp("mid"))?;
+        let mut up = Vec::with_capacity(levels);
+        for (i, mult) in cfg.ch_mult.iter().enumerate().rev() {
+            let vb_level = vb.pp(format!("up.{i}"));
+            let block_out = cfg.ch * mult;
+            let (mut blocks, mut attns) = (Vec::new(), Vec::new());
+            for j in 0..=cfg.num_res_blocks {
+                blocks.push(ResnetBlock::new(
+                    block_in,
+                    block_out,
+                    g,
+                    vb_level.pp(format!("block.{j}")),
+                )?);
+                block_in = block_out;
+                if cfg.attn_resolutions.contains(&res) {
+                    attns.push(AttnBlock::new(
+                        block_in,
+                        g,
+                        vb_level.pp(format!("attn.{j}")),
+                    )?);
+                }
+            }
+            let resample = if i != 0 {
+                res *= 2;
+                Some(Upsample::new(block_in, vb_level.pp("upsample"))?)
+            } else {
+                None
+            };
+            up.push(Level {
+                blocks,
+                attns,
+                resample,
+            });
+        }
+        up.reverse(); // key order: up.0 first
+        Ok(Self {
+            conv_in,
+            mid,
+            up,
+            norm_out: normalize(block_in, g, vb.pp("norm_out"))?,
+            conv_out: conv3x3(block_in, cfg.out_ch, 1, 1, vb.pp("conv_out"))?,
+        })
+    }
+}
+
+impl Module for Decoder {
+    fn forward(&self, z: &Tensor) -> Result<Tensor> {
+        let mut h = self.mid.forward(&self.conv_in.forward(z)?)?; // [B, ch·ch_mult[L-1], h, w]
+        for level in self.up.iter().rev() {
+            h = level.forward(h)?;
+        }
+        self.conv_out.forward(&swish(&self.norm_out.forward(&h)?)?) // [B, out_ch, f·h, f·w]
+    }
+}
