@@ -1,1 +1,3 @@
 //! ldm-models
+pub mod blocks;
+pub mod unet;
