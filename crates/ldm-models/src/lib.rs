@@ -1,5 +1,7 @@
 //! ldm-models: the networks of latent diffusion — CLIP/OpenCLIP text encoders and the CLIP tokenizer, the LDM
 //! UNet, the autoencoders — with their typed configs, presets and the import of foreign configs and key names.
 pub mod autoencoder;
+pub mod blocks;
 pub mod original_config;
 pub mod text;
+pub mod unet;

@@ -1,0 +1,96 @@
+//! The LDM UNet residual block (`openaimodel.ResBlock`), with the original checkpoint key names.
+//!
+//! He et al. 2016 residual unit in the DDPM form (Ho et al. 2020, App. B): two GroupNorm–SiLU–conv stages,
+//! with the timestep embedding projected and added in between.
+//!
+//! ```text
+//! h   = conv₁(SiLU(GN(x)))                      in_layers.{0,2}
+//! h  += Linear(SiLU(emb))[:, :, None, None]     emb_layers.1
+//! h   = conv₂(SiLU(GN(h)))                      out_layers.{0,3}   (Dropout at out_layers.2 is inference-inert)
+//! out = skip(x) + h                             skip_connection: 1×1 conv when channels change, else identity
+//! ```
+//! The GroupNorms are `normalization(ch)` = `GroupNorm32(32, ch)` with eps 1e-5, computed in f32.
+//! Variants the SD presets never use (`use_scale_shift_norm`, `resblock_updown`, 3×3 skip) are not built.
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+
+/// eps of `normalization()` (torch's GroupNorm default).
+pub const RES_GROUP_NORM_EPS: f64 = 1e-5;
+
+pub(crate) fn conv3x3(in_ch: usize, out_ch: usize, vb: VarBuilder) -> Result<Conv2d> {
+    let cfg = Conv2dConfig {
+        padding: 1,
+        ..Default::default()
+    };
+    candle_nn::conv2d(in_ch, out_ch, 3, cfg, vb)
+}
+
+#[derive(Debug, Clone)]
+pub struct ResBlock {
+    in_norm: GroupNorm,   // in_layers.0
+    in_conv: Conv2d,      // in_layers.2 (in_layers.1 is SiLU)
+    emb_proj: Linear,     // emb_layers.1 (emb_layers.0 is SiLU)
+    out_norm: GroupNorm,  // out_layers.0
+    out_conv: Conv2d,     // out_layers.3 (out_layers.1 SiLU, out_layers.2 Dropout)
+    skip: Option<Conv2d>, // skip_connection, present iff in_channels != out_channels
+}
+
+impl ResBlock {
+    /// `vb` is positioned at the block (e.g. `input_blocks.1.0`).
+    pub fn new(
+        in_channels: usize,
+        out_channels: usize,
+        emb_channels: usize,
+        num_groups: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let vi = vb.pp("in_layers");
+        let vo = vb.pp("out_layers");
+        let skip = if in_channels == out_channels {
+            None
+        } else {
+            let cfg = Conv2dConfig::default();
+            Some(candle_nn::conv2d(
+                in_channels,
+                out_channels,
+                1,
+                cfg,
+                vb.pp("skip_connection"),
+            )?)
+        };
+        Ok(Self {
+            in_norm: candle_nn::group_norm(
+                num_groups,
+                in_channels,
+                RES_GROUP_NORM_EPS,
+                vi.pp("0"),
+            )?,
+            in_conv: conv3x3(in_channels, out_channels, vi.pp("2"))?,
+            emb_proj: candle_nn::linear(emb_channels, out_channels, vb.pp("emb_layers").pp("1"))?,
+            out_norm: candle_nn::group_norm(
+                num_groups,
+                out_channels,
+                RES_GROUP_NORM_EPS,
+                vo.pp("0"),
+            )?,
+            out_conv: conv3x3(out_channels, out_channels, vo.pp("3"))?,
+            skip,
+        })
+    }
+
+    /// `x`: `[B, C_in, H, W]`, `emb`: `[B, E]` → `[B, C_out, H, W]`.
+    pub fn forward(&self, x: &Tensor, emb: &Tensor) -> Result<Tensor> {
+        let h = self.in_conv.forward(&self.in_norm.forward(x)?.silu()?)?; // [B, C_out, H, W]
+        let e = self
+            .emb_proj
+            .forward(&emb.silu()?)?
+            .unsqueeze(2)?
+            .unsqueeze(3)?; // [B, C_out, 1, 1]
+        let h = h.broadcast_add(&e)?;
+        let h = self.out_conv.forward(&self.out_norm.forward(&h)?.silu()?)?;
+        match &self.skip {
+            Some(skip) => skip.forward(x)? + h,
+            None => x + h,
+        }
+    }
+}
