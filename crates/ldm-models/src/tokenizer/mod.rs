@@ -34,7 +34,7 @@ use std::sync::{Arc, Mutex};
 
 pub use added::AddedToken;
 use added::Piece;
-pub use bpe::{BpeModel, CLIP_MERGES, END_OF_WORD};
+pub use bpe::{builtin_vocab, BpeModel, CLIP_MERGES, END_OF_WORD};
 use files::RoleSpec;
 
 /// CLIP's context length.
