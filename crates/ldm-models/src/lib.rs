@@ -4,4 +4,5 @@ pub mod autoencoder;
 pub mod blocks;
 pub mod original_config;
 pub mod text;
+pub mod tokenizer;
 pub mod unet;
