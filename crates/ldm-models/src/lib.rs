@@ -1,1 +1,2 @@
 //! ldm-models
+pub mod import;
