@@ -17,7 +17,9 @@ use serde_json::{json, Value};
 const V4_FAST_ONLY: &str = "<|ENDOFTEXT|> and <|StartOfText|>";
 
 fn fixture(name: &str) -> Value {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/tokenizer").join(name);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures/tokenizer")
+        .join(name);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
@@ -26,24 +28,37 @@ fn ids_of(v: &Value) -> Vec<Vec<u32>> {
     v.as_array()
         .expect("id lists")
         .iter()
-        .map(|row| row.as_array().expect("ids").iter().map(|i| i.as_u64().expect("id") as u32).collect())
+        .map(|row| {
+            row.as_array()
+                .expect("ids")
+                .iter()
+                .map(|i| i.as_u64().expect("id") as u32)
+                .collect()
+        })
         .collect()
 }
 
 /// Writes a tokenizer folder for fixture dir `name` and returns its path.
 fn write_dir(doc: &Value, file: &str, name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("tokenizer-{file}-{name}-{}", std::process::id()));
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("tokenizer-{file}-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let spec = &doc["dirs"][name];
     for (fname, content) in spec["files"].as_object().expect("files") {
-        std::fs::write(dir.join(fname), serde_json::to_string_pretty(content).expect("json")).expect("write");
+        std::fs::write(
+            dir.join(fname),
+            serde_json::to_string_pretty(content).expect("json"),
+        )
+        .expect("write");
     }
     let (encoder, merges) = builtin_vocab();
     for big in spec["big_files"].as_array().expect("big_files") {
         match big.as_str().expect("name") {
-            "vocab.json" => {
-                std::fs::write(dir.join("vocab.json"), serde_json::to_string(&encoder).expect("json")).expect("write")
-            }
+            "vocab.json" => std::fs::write(
+                dir.join("vocab.json"),
+                serde_json::to_string(&encoder).expect("json"),
+            )
+            .expect("write"),
             "merges.txt" => {
                 let mut text = String::from("#version: 0.2\n");
                 for (a, b) in &merges {
@@ -59,7 +74,11 @@ fn write_dir(doc: &Value, file: &str, name: &str) -> PathBuf {
                     "model": {"type": "BPE", "unk_token": "<|endoftext|>", "end_of_word_suffix": "</w>",
                               "vocab": encoder, "merges": merges},
                 });
-                std::fs::write(dir.join("tokenizer.json"), serde_json::to_string(&tj).expect("json")).expect("write");
+                std::fs::write(
+                    dir.join("tokenizer.json"),
+                    serde_json::to_string(&tj).expect("json"),
+                )
+                .expect("write");
             }
             other => panic!("unknown big file {other}"),
         }
@@ -73,7 +92,14 @@ struct Tally {
 }
 
 impl Tally {
-    fn compare(&mut self, label: &str, prompts: &[String], skip: &[&str], want: &[Vec<u32>], got: impl Fn(&str) -> Vec<u32>) {
+    fn compare(
+        &mut self,
+        label: &str,
+        prompts: &[String],
+        skip: &[&str],
+        want: &[Vec<u32>],
+        got: impl Fn(&str) -> Vec<u32>,
+    ) {
         let mut matched = 0;
         let mut compared = 0;
         for (p, w) in prompts.iter().zip(want) {
@@ -85,19 +111,32 @@ impl Tally {
             if &g == w {
                 matched += 1;
             } else {
-                self.failures.push(format!("{label}: {p:?}\n   want {w:?}\n    got {g:?}"));
+                self.failures
+                    .push(format!("{label}: {p:?}\n   want {w:?}\n    got {g:?}"));
             }
         }
-        self.lines.push(format!("{label}: {matched}/{compared} prompts identical"));
+        self.lines
+            .push(format!("{label}: {matched}/{compared} prompts identical"));
     }
 }
 
 fn check_file(file: &str, flavor: Flavor, skip: &[&str]) {
     let doc = fixture(&format!("{file}.json"));
-    let prompts: Vec<String> =
-        doc["prompts"].as_array().expect("prompts").iter().map(|p| p.as_str().expect("str").to_owned()).collect();
-    assert!(prompts.len() >= 40, "{file}: only {} prompts", prompts.len());
-    let mut tally = Tally { lines: Vec::new(), failures: Vec::new() };
+    let prompts: Vec<String> = doc["prompts"]
+        .as_array()
+        .expect("prompts")
+        .iter()
+        .map(|p| p.as_str().expect("str").to_owned())
+        .collect();
+    assert!(
+        prompts.len() >= 40,
+        "{file}: only {} prompts",
+        prompts.len()
+    );
+    let mut tally = Tally {
+        lines: Vec::new(),
+        failures: Vec::new(),
+    };
     for setup in doc["setups"].as_array().expect("setups") {
         let name = setup["name"].as_str().expect("name");
         let tok = if let Some(dir_name) = name.strip_prefix("dir:") {
@@ -110,25 +149,48 @@ fn check_file(file: &str, flavor: Flavor, skip: &[&str]) {
                 "<|endoftext|>" => Pad::EndOfText,
                 other => Pad::Token(other.to_owned()),
             };
-            ClipTokenizer::builtin().with_padding(pad).expect("pad token in vocab")
+            ClipTokenizer::builtin()
+                .with_padding(pad)
+                .expect("pad token in vocab")
         }
         .with_flavor(flavor);
-        assert_eq!(u64::from(tok.pad_id()), setup["pad_id"].as_u64().expect("pad_id"), "{file} {name}");
+        assert_eq!(
+            u64::from(tok.pad_id()),
+            setup["pad_id"].as_u64().expect("pad_id"),
+            "{file} {name}"
+        );
         let max_len = setup["max_length"].as_u64().expect("max_length") as usize;
         assert_eq!(tok.model_max_length(), max_len, "{file} {name}");
         let label = format!("{file} {name}");
-        tally.compare(&label, &prompts, skip, &ids_of(&setup["ids"]), |p| tok.encode_for_model(p));
+        tally.compare(&label, &prompts, skip, &ids_of(&setup["ids"]), |p| {
+            tok.encode_for_model(p)
+        });
         if !setup["raw"].is_null() {
-            tally.compare(&format!("{label} raw"), &prompts, skip, &ids_of(&setup["raw"]), |p| tok.encode(p));
-            tally.compare(&format!("{label} len8"), &prompts, skip, &ids_of(&setup["len8"]), |p| {
-                tok.encode_padded(p, 8).expect("8 >= 2")
-            });
+            tally.compare(
+                &format!("{label} raw"),
+                &prompts,
+                skip,
+                &ids_of(&setup["raw"]),
+                |p| tok.encode(p),
+            );
+            tally.compare(
+                &format!("{label} len8"),
+                &prompts,
+                skip,
+                &ids_of(&setup["len8"]),
+                |p| tok.encode_padded(p, 8).expect("8 >= 2"),
+            );
         }
     }
     for line in &tally.lines {
         eprintln!("{line}");
     }
-    assert!(tally.failures.is_empty(), "{} mismatches:\n{}", tally.failures.len(), tally.failures.join("\n"));
+    assert!(
+        tally.failures.is_empty(),
+        "{} mismatches:\n{}",
+        tally.failures.len(),
+        tally.failures.join("\n")
+    );
 }
 
 #[test]
@@ -150,7 +212,9 @@ fn fast_flavor_matches_transformers_4_clip_tokenizer_fast_but_one_prompt() {
 fn every_padded_encoding_has_max_len_ids() {
     let doc = fixture("slow.json");
     let tok = ClipTokenizer::builtin();
-    let sd2 = ClipTokenizer::builtin().with_padding(Pad::sd2()).expect("`!` in vocab");
+    let sd2 = ClipTokenizer::builtin()
+        .with_padding(Pad::sd2())
+        .expect("`!` in vocab");
     let mut lens: HashMap<usize, usize> = HashMap::new();
     for p in doc["prompts"].as_array().expect("prompts") {
         let p = p.as_str().expect("str");

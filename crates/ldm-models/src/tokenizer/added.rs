@@ -79,7 +79,13 @@ mod tests {
     use super::*;
 
     fn tok(content: &str, id: u32) -> AddedToken {
-        AddedToken { content: content.into(), id, normalized: false, lstrip: false, rstrip: false }
+        AddedToken {
+            content: content.into(),
+            id,
+            normalized: false,
+            lstrip: false,
+            rstrip: false,
+        }
     }
 
     #[test]
@@ -88,7 +94,16 @@ mod tests {
         let b = tok("!", 0);
         let c = tok("!!", 9);
         let p = split("x!!!<|endoftext|>y", &[&a, &b, &c]);
-        assert_eq!(p, [Piece::Text("x"), Piece::Added(9), Piece::Added(0), Piece::Added(7), Piece::Text("y")]);
+        assert_eq!(
+            p,
+            [
+                Piece::Text("x"),
+                Piece::Added(9),
+                Piece::Added(0),
+                Piece::Added(7),
+                Piece::Text("y")
+            ]
+        );
         assert_eq!(split("", &[&a]), []);
     }
 
@@ -97,6 +112,9 @@ mod tests {
         let mut a = tok("<x>", 1);
         a.lstrip = true;
         a.rstrip = true;
-        assert_eq!(split("a  <x>  b", &[&a]), [Piece::Text("a"), Piece::Added(1), Piece::Text("b")]);
+        assert_eq!(
+            split("a  <x>  b", &[&a]),
+            [Piece::Text("a"), Piece::Added(1), Piece::Text("b")]
+        );
     }
 }

@@ -20,11 +20,15 @@ static BPE_SIMPLE_VOCAB_GZ: &[u8] = include_bytes!("../../assets/bpe_simple_voca
 /// Returns the (byte, char) pairs in vocabulary order.
 pub fn byte_symbols() -> Vec<(u8, char)> {
     let printable = |b: u8| matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
-    let mut out: Vec<(u8, char)> = (0u8..=255).filter(|&b| printable(b)).map(|b| (b, char::from(b))).collect();
-    let mut next = 256u32;
-    for b in (0u8..=255).filter(|&b| !printable(b)) {
-        out.push((b, char::from_u32(next).expect("invariant: 256..324 are valid chars")));
-        next += 1;
+    let mut out: Vec<(u8, char)> = (0u8..=255)
+        .filter(|&b| printable(b))
+        .map(|b| (b, char::from(b)))
+        .collect();
+    for (code, b) in (256u32..).zip((0u8..=255).filter(|&b| !printable(b))) {
+        out.push((
+            b,
+            char::from_u32(code).expect("invariant: 256..324 are valid chars"),
+        ));
     }
     out
 }
@@ -55,7 +59,12 @@ impl BpeModel {
         for (rank, (a, b)) in merges.iter().enumerate() {
             ranks.insert(format!("{a} {b}"), u32::try_from(rank).unwrap_or(u32::MAX));
         }
-        Self { encoder, decoder, ranks, byte_table: byte_table() }
+        Self {
+            encoder,
+            decoder,
+            ranks,
+            byte_table: byte_table(),
+        }
     }
 
     /// The built-in CLIP vocabulary (49408 tokens), decompressed and built once per process.
@@ -91,7 +100,9 @@ impl BpeModel {
 
     /// The word written with the byte → char table.
     pub fn byte_encode(&self, word: &str) -> String {
-        word.bytes().map(|b| self.byte_table[usize::from(b)]).collect()
+        word.bytes()
+            .map(|b| self.byte_table[usize::from(b)])
+            .collect()
     }
 
     /// BPE of one byte-encoded word; returns the symbols (the last one ends in `</w>`). With `rank_limit`,
@@ -161,7 +172,11 @@ pub fn builtin_vocab() -> (HashMap<String, u32>, Vec<(String, String)>) {
     tokens.extend(merges.iter().map(|(a, b)| format!("{a}{b}")));
     tokens.push("<|startoftext|>".to_owned());
     tokens.push("<|endoftext|>".to_owned());
-    let encoder = tokens.into_iter().enumerate().map(|(i, t)| (t, i as u32)).collect();
+    let encoder = tokens
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| (t, i as u32))
+        .collect();
     (encoder, merges)
 }
 

@@ -20,7 +20,12 @@ pub enum RoleSpec {
     /// A plain string: keeps the flags of an added token with the same content, else `normalized = false`.
     Plain(String),
     /// An `AddedToken` object with its own flags (`normalized` defaults to false for special tokens).
-    Full { content: String, normalized: bool, lstrip: bool, rstrip: bool },
+    Full {
+        content: String,
+        normalized: bool,
+        lstrip: bool,
+        rstrip: bool,
+    },
 }
 
 impl RoleSpec {
@@ -44,16 +49,25 @@ pub struct DirContents {
 }
 
 fn read_text(path: &Path) -> Result<String> {
-    std::fs::read_to_string(path).map_err(|source| TokenizerError::Io { path: path.to_owned(), source })
+    std::fs::read_to_string(path).map_err(|source| TokenizerError::Io {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 fn read_json(path: &Path) -> Result<Value> {
     let text = read_text(path)?;
-    serde_json::from_str(&text).map_err(|source| TokenizerError::Json { path: path.to_owned(), source })
+    serde_json::from_str(&text).map_err(|source| TokenizerError::Json {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 fn format_err(path: &Path, what: impl Into<String>) -> TokenizerError {
-    TokenizerError::Format { path: path.to_owned(), what: what.into() }
+    TokenizerError::Format {
+        path: path.to_owned(),
+        what: what.into(),
+    }
 }
 
 fn flag(obj: &serde_json::Map<String, Value>, key: &str) -> bool {
@@ -76,13 +90,20 @@ fn role_spec(value: &Value, path: &Path, key: &str) -> Result<Option<RoleSpec>> 
                 rstrip: flag(obj, "rstrip"),
             }))
         }
-        _ => Err(format_err(path, format!("`{key}` is neither a string nor an AddedToken object"))),
+        _ => Err(format_err(
+            path,
+            format!("`{key}` is neither a string nor an AddedToken object"),
+        )),
     }
 }
 
 const ROLE_KEYS: [&str; 4] = ["bos_token", "eos_token", "unk_token", "pad_token"];
 
-fn added_from_object(obj: &serde_json::Map<String, Value>, id: u32, path: &Path) -> Result<AddedToken> {
+fn added_from_object(
+    obj: &serde_json::Map<String, Value>,
+    id: u32,
+    path: &Path,
+) -> Result<AddedToken> {
     let content = obj
         .get("content")
         .and_then(Value::as_str)
@@ -103,15 +124,24 @@ fn to_id(v: &Value, path: &Path, what: &str) -> Result<u32> {
 }
 
 fn parse_vocab(v: &Value, path: &Path) -> Result<HashMap<String, u32>> {
-    let obj = v.as_object().ok_or_else(|| format_err(path, "vocabulary is not a JSON object"))?;
-    obj.iter().map(|(k, id)| Ok((k.clone(), to_id(id, path, &format!("token `{k}`"))?))).collect()
+    let obj = v
+        .as_object()
+        .ok_or_else(|| format_err(path, "vocabulary is not a JSON object"))?;
+    obj.iter()
+        .map(|(k, id)| Ok((k.clone(), to_id(id, path, &format!("token `{k}`"))?)))
+        .collect()
 }
 
 fn parse_merge_line(line: &str, path: &Path, number: usize) -> Result<(String, String)> {
     let mut parts = line.split(' ');
     match (parts.next(), parts.next(), parts.next()) {
-        (Some(a), Some(b), None) if !a.is_empty() && !b.is_empty() => Ok((a.to_owned(), b.to_owned())),
-        _ => Err(format_err(path, format!("merge {number} `{line}` is not two space-separated symbols"))),
+        (Some(a), Some(b), None) if !a.is_empty() && !b.is_empty() => {
+            Ok((a.to_owned(), b.to_owned()))
+        }
+        _ => Err(format_err(
+            path,
+            format!("merge {number} `{line}` is not two space-separated symbols"),
+        )),
     }
 }
 
@@ -131,16 +161,24 @@ fn parse_merges_txt(text: &str, path: &Path) -> Result<Vec<(String, String)>> {
 }
 
 fn parse_merges_json(v: &Value, path: &Path) -> Result<Vec<(String, String)>> {
-    let arr = v.as_array().ok_or_else(|| format_err(path, "`model.merges` is not an array"))?;
+    let arr = v
+        .as_array()
+        .ok_or_else(|| format_err(path, "`model.merges` is not an array"))?;
     arr.iter()
         .enumerate()
         .map(|(i, m)| match m {
             Value::String(s) => parse_merge_line(s, path, i),
             Value::Array(pair) => match pair.as_slice() {
                 [Value::String(a), Value::String(b)] => Ok((a.clone(), b.clone())),
-                _ => Err(format_err(path, format!("merge {i} is not a pair of strings"))),
+                _ => Err(format_err(
+                    path,
+                    format!("merge {i} is not a pair of strings"),
+                )),
             },
-            _ => Err(format_err(path, format!("merge {i} is neither a string nor a pair"))),
+            _ => Err(format_err(
+                path,
+                format!("merge {i} is neither a string nor a pair"),
+            )),
         })
         .collect()
 }
@@ -150,7 +188,11 @@ pub fn read_dir(dir: &Path) -> Result<DirContents> {
     let file = |name: &str| -> PathBuf { dir.join(name) };
     let mut added: Vec<AddedToken> = Vec::new();
     let mut roles: [Option<RoleSpec>; 4] = Default::default();
-    let (vocab_path, merges_path, tok_json) = (file("vocab.json"), file("merges.txt"), file("tokenizer.json"));
+    let (vocab_path, merges_path, tok_json) = (
+        file("vocab.json"),
+        file("merges.txt"),
+        file("tokenizer.json"),
+    );
 
     let (encoder, merges) = if vocab_path.is_file() && merges_path.is_file() {
         let encoder = parse_vocab(&read_json(&vocab_path)?, &vocab_path)?;
@@ -158,38 +200,68 @@ pub fn read_dir(dir: &Path) -> Result<DirContents> {
         (encoder, merges)
     } else if tok_json.is_file() {
         let root = read_json(&tok_json)?;
-        let model = root.get("model").ok_or_else(|| format_err(&tok_json, "no `model`"))?;
+        let model = root
+            .get("model")
+            .ok_or_else(|| format_err(&tok_json, "no `model`"))?;
         match model.get("type").and_then(Value::as_str) {
             Some("BPE") | None => {}
-            Some(other) => return Err(format_err(&tok_json, format!("model type `{other}`, expected BPE"))),
+            Some(other) => {
+                return Err(format_err(
+                    &tok_json,
+                    format!("model type `{other}`, expected BPE"),
+                ))
+            }
         }
-        let vocab = model.get("vocab").ok_or_else(|| format_err(&tok_json, "no `model.vocab`"))?;
-        let merges = model.get("merges").ok_or_else(|| format_err(&tok_json, "no `model.merges`"))?;
+        let vocab = model
+            .get("vocab")
+            .ok_or_else(|| format_err(&tok_json, "no `model.vocab`"))?;
+        let merges = model
+            .get("merges")
+            .ok_or_else(|| format_err(&tok_json, "no `model.merges`"))?;
         if let Some(unk) = model.get("unk_token") {
             roles[2] = role_spec(unk, &tok_json, "model.unk_token")?;
         }
         if let Some(list) = root.get("added_tokens").and_then(Value::as_array) {
             for entry in list {
-                let obj = entry.as_object().ok_or_else(|| format_err(&tok_json, "added token is not an object"))?;
-                let id = to_id(obj.get("id").unwrap_or(&Value::Null), &tok_json, "added token")?;
+                let obj = entry
+                    .as_object()
+                    .ok_or_else(|| format_err(&tok_json, "added token is not an object"))?;
+                let id = to_id(
+                    obj.get("id").unwrap_or(&Value::Null),
+                    &tok_json,
+                    "added token",
+                )?;
                 added.push(added_from_object(obj, id, &tok_json)?);
             }
         }
-        (parse_vocab(vocab, &tok_json)?, parse_merges_json(merges, &tok_json)?)
+        (
+            parse_vocab(vocab, &tok_json)?,
+            parse_merges_json(merges, &tok_json)?,
+        )
     } else {
-        return Err(TokenizerError::NoFiles { dir: dir.to_owned() });
+        return Err(TokenizerError::NoFiles {
+            dir: dir.to_owned(),
+        });
     };
 
     let mut model_max_length = None;
     let config_path = file("tokenizer_config.json");
     if config_path.is_file() {
         let config = read_json(&config_path)?;
-        if let Some(decoder) = config.get("added_tokens_decoder").and_then(Value::as_object) {
+        if let Some(decoder) = config
+            .get("added_tokens_decoder")
+            .and_then(Value::as_object)
+        {
             for (id, entry) in decoder {
-                let id: u32 = id
-                    .parse()
-                    .map_err(|_| format_err(&config_path, format!("added_tokens_decoder key `{id}` is not an id")))?;
-                let obj = entry.as_object().ok_or_else(|| format_err(&config_path, "added token is not an object"))?;
+                let id: u32 = id.parse().map_err(|_| {
+                    format_err(
+                        &config_path,
+                        format!("added_tokens_decoder key `{id}` is not an id"),
+                    )
+                })?;
+                let obj = entry
+                    .as_object()
+                    .ok_or_else(|| format_err(&config_path, "added token is not an object"))?;
                 added.push(added_from_object(obj, id, &config_path)?);
             }
         }
@@ -201,12 +273,18 @@ pub fn read_dir(dir: &Path) -> Result<DirContents> {
             }
         }
         if let Some(v) = config.get("model_max_length") {
-            // transformers writes 1e30 ("no limit") for some tokenizers; that is not a usable length.
-            let n = v.as_f64().ok_or_else(|| format_err(&config_path, "`model_max_length` is not a number"))?;
-            if n >= 2.0 && n <= 1e9 && n.fract() == 0.0 {
+            let n = v
+                .as_f64()
+                .ok_or_else(|| format_err(&config_path, "`model_max_length` is not a number"))?;
+            // transformers writes 1e30 for "no limit"; that is treated as absent (CLIP's 77 applies).
+            if n < 1e9 {
+                if n < 2.0 || n.fract() != 0.0 {
+                    return Err(format_err(
+                        &config_path,
+                        format!("`model_max_length` {n} is not an integer >= 2"),
+                    ));
+                }
                 model_max_length = Some(n as usize);
-            } else if n < 1e9 {
-                return Err(format_err(&config_path, format!("`model_max_length` {n} is not an integer >= 2")));
             }
         }
     }
@@ -224,14 +302,28 @@ pub fn read_dir(dir: &Path) -> Result<DirContents> {
     let extra_path = file("added_tokens.json");
     if extra_path.is_file() {
         let extra = read_json(&extra_path)?;
-        let obj = extra.as_object().ok_or_else(|| format_err(&extra_path, "not a JSON object"))?;
+        let obj = extra
+            .as_object()
+            .ok_or_else(|| format_err(&extra_path, "not a JSON object"))?;
         for (content, id) in obj {
             let id = to_id(id, &extra_path, content)?;
             if !added.iter().any(|t| t.content == *content) {
                 // transformers' default for a non-special added token: normalized.
-                added.push(AddedToken { content: content.clone(), id, normalized: true, lstrip: false, rstrip: false });
+                added.push(AddedToken {
+                    content: content.clone(),
+                    id,
+                    normalized: true,
+                    lstrip: false,
+                    rstrip: false,
+                });
             }
         }
     }
-    Ok(DirContents { encoder, merges, added, roles, model_max_length })
+    Ok(DirContents {
+        encoder,
+        merges,
+        added,
+        roles,
+        model_max_length,
+    })
 }

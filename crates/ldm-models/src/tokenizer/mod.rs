@@ -49,9 +49,15 @@ const CACHE_LIMIT: usize = 1 << 16;
 #[derive(Debug, thiserror::Error)]
 pub enum TokenizerError {
     #[error("reading {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("parsing {path}: {source}")]
-    Json { path: PathBuf, source: serde_json::Error },
+    Json {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
     #[error("{path}: {what}")]
     Format { path: PathBuf, what: String },
     #[error("no tokenizer files in {dir}: expected vocab.json + merges.txt, or tokenizer.json")]
@@ -164,7 +170,12 @@ impl ClipTokenizer {
             }
         }
         let bpe = Arc::new(BpeModel::new(contents.encoder, &contents.merges));
-        Self::assemble(bpe, contents.added, roles, contents.model_max_length.unwrap_or(CLIP_MAX_LEN))
+        Self::assemble(
+            bpe,
+            contents.added,
+            roles,
+            contents.model_max_length.unwrap_or(CLIP_MAX_LEN),
+        )
     }
 
     /// [`from_dir`](Self::from_dir) when `dir` holds tokenizer files, else [`builtin`](Self::builtin).
@@ -200,23 +211,41 @@ impl ClipTokenizer {
         model_max_length: usize,
     ) -> Result<Self> {
         if model_max_length < 2 {
-            return Err(TokenizerError::MaxLenTooSmall { max_len: model_max_length });
+            return Err(TokenizerError::MaxLenTooSmall {
+                max_len: model_max_length,
+            });
         }
         let mut added = declared.clone();
         let mut ids = [0u32; 4];
         for (i, role) in roles.iter().enumerate() {
             let content = role.content();
             let known = declared.iter().find(|t| t.content == content);
-            let id = known.map(|t| t.id).or_else(|| bpe.token_to_id(content)).ok_or_else(|| {
-                TokenizerError::UnknownToken { role: ROLE_NAMES[i], token: content.to_owned() }
-            })?;
+            let id = known
+                .map(|t| t.id)
+                .or_else(|| bpe.token_to_id(content))
+                .ok_or_else(|| TokenizerError::UnknownToken {
+                    role: ROLE_NAMES[i],
+                    token: content.to_owned(),
+                })?;
             ids[i] = id;
             let token = match (role, known) {
                 (RoleSpec::Plain(_), Some(t)) => t.clone(),
-                (RoleSpec::Plain(c), None) => {
-                    AddedToken { content: c.clone(), id, normalized: false, lstrip: false, rstrip: false }
-                }
-                (RoleSpec::Full { content, normalized, lstrip, rstrip }, _) => AddedToken {
+                (RoleSpec::Plain(c), None) => AddedToken {
+                    content: c.clone(),
+                    id,
+                    normalized: false,
+                    lstrip: false,
+                    rstrip: false,
+                },
+                (
+                    RoleSpec::Full {
+                        content,
+                        normalized,
+                        lstrip,
+                        rstrip,
+                    },
+                    _,
+                ) => AddedToken {
                     content: content.clone(),
                     id,
                     normalized: *normalized,
@@ -265,10 +294,18 @@ impl ClipTokenizer {
         &self.added
     }
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
-        self.added.iter().find(|t| t.content == token).map(|t| t.id).or_else(|| self.bpe.token_to_id(token))
+        self.added
+            .iter()
+            .find(|t| t.content == token)
+            .map(|t| t.id)
+            .or_else(|| self.bpe.token_to_id(token))
     }
     pub fn id_to_token(&self, id: u32) -> Option<&str> {
-        self.added.iter().find(|t| t.id == id).map(|t| t.content.as_str()).or_else(|| self.bpe.id_to_token(id))
+        self.added
+            .iter()
+            .find(|t| t.id == id)
+            .map(|t| t.content.as_str())
+            .or_else(|| self.bpe.id_to_token(id))
     }
 
     /// Token ids of `text`, without start/end tokens and without truncation.
@@ -333,7 +370,11 @@ impl ClipTokenizer {
     pub fn encode_for_model(&self, text: &str) -> Vec<u32> {
         let mut ids = Vec::with_capacity(self.model_max_length);
         ids.push(self.bos_id());
-        ids.extend(self.encode(text).into_iter().take(self.model_max_length - 2));
+        ids.extend(
+            self.encode(text)
+                .into_iter()
+                .take(self.model_max_length - 2),
+        );
         ids.push(self.eos_id());
         ids.resize(self.model_max_length, self.pad_id());
         ids
@@ -342,18 +383,28 @@ impl ClipTokenizer {
     /// BPE of one word (unencoded text), through the cache.
     fn push_word(&self, word: &str, ids: &mut Vec<u32>) {
         let encoded = self.bpe.byte_encode(word);
-        if let Some(hit) = self.cache.lock().ok().and_then(|c| c.get(&encoded).cloned()) {
+        if let Some(hit) = self
+            .cache
+            .lock()
+            .ok()
+            .and_then(|c| c.get(&encoded).cloned())
+        {
             ids.extend(hit);
             return;
         }
         let tokens = match self.flavor {
             // The slow tokenizer's BPE cache starts out holding these two words as themselves.
-            Flavor::Slow if encoded == START_OF_TEXT || encoded == END_OF_TEXT => vec![encoded.clone()],
+            Flavor::Slow if encoded == START_OF_TEXT || encoded == END_OF_TEXT => {
+                vec![encoded.clone()]
+            }
             Flavor::Slow => self.bpe.merge_word(&encoded, Some(CLIP_MERGES)),
             Flavor::Fast => self.bpe.merge_word(&encoded, None),
         };
         let unk = self.unk_id();
-        let word_ids: Vec<u32> = tokens.iter().map(|t| self.bpe.token_to_id(t).unwrap_or(unk)).collect();
+        let word_ids: Vec<u32> = tokens
+            .iter()
+            .map(|t| self.bpe.token_to_id(t).unwrap_or(unk))
+            .collect();
         ids.extend_from_slice(&word_ids);
         if let Ok(mut cache) = self.cache.lock() {
             if cache.len() >= CACHE_LIMIT {
@@ -375,7 +426,9 @@ mod tests {
         assert_eq!(ids.len(), 77);
         assert_eq!(&ids[..7], &[49406, 320, 1125, 539, 320, 2368, 49407]);
         assert!(ids[7..].iter().all(|&i| i == 49407));
-        let sd2 = t.with_padding(Pad::sd2()).expect("`!` is in the vocabulary");
+        let sd2 = t
+            .with_padding(Pad::sd2())
+            .expect("`!` is in the vocabulary");
         let ids = sd2.encode_for_model("a photo of a cat");
         assert_eq!(ids[6], 49407);
         assert!(ids[7..].iter().all(|&i| i == 0));
@@ -388,12 +441,18 @@ mod tests {
         assert_eq!(ids.len(), 77);
         assert_eq!((ids[0], ids[75], ids[76]), (49406, 2368, 49407));
         assert_eq!(t.encode_padded("cat", 2).expect("2 >= 2"), [49406, 49407]);
-        assert!(matches!(t.encode_padded("cat", 1), Err(TokenizerError::MaxLenTooSmall { max_len: 1 })));
+        assert!(matches!(
+            t.encode_padded("cat", 1),
+            Err(TokenizerError::MaxLenTooSmall { max_len: 1 })
+        ));
     }
 
     #[test]
     fn unknown_pad_token_is_an_error() {
         let err = ClipTokenizer::builtin().with_padding(Pad::Token("<pad>".into()));
-        assert!(matches!(err, Err(TokenizerError::UnknownToken { role: "pad", .. })));
+        assert!(matches!(
+            err,
+            Err(TokenizerError::UnknownToken { role: "pad", .. })
+        ));
     }
 }

@@ -24,10 +24,14 @@ fn re(pattern: &str) -> Regex {
 /// Python `regex` with IGNORECASE treats U+0345 (combining ypogegrammeni, which case-folds to ι) as a letter;
 /// it is the only char whose class changes, so it is listed explicitly instead of making the classes (?i).
 static SLOW_WORDS: LazyLock<Regex> = LazyLock::new(|| {
-    re(r"(?i:<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d)|[\p{L}\x{345}]+|[\p{N}]|[^\s\p{L}\p{N}\x{345}]+")
+    re(
+        r"(?i:<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d)|[\p{L}\x{345}]+|[\p{N}]|[^\s\p{L}\p{N}\x{345}]+",
+    )
 });
 static FAST_WORDS: LazyLock<Regex> = LazyLock::new(|| {
-    re(r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+")
+    re(
+        r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+",
+    )
 });
 /// GPT-2's pattern without its whitespace alternatives (the words it is applied to hold no whitespace); every
 /// non-space char is covered, so nothing is dropped.
@@ -66,14 +70,22 @@ pub fn slow_clean(text: &str) -> String {
         }
     }
     let nfc: String = cjk.nfc().collect();
-    let words: Vec<String> = nfc.split(is_py_space).filter(|w| !w.is_empty()).map(str::to_lowercase).collect();
+    let words: Vec<String> = nfc
+        .split(is_py_space)
+        .filter(|w| !w.is_empty())
+        .map(str::to_lowercase)
+        .collect();
     words.join(" ")
 }
 
 /// The fast tokenizer's normalizer: NFC, whitespace runs → one space, per-char lower-casing.
 pub fn fast_normalize(text: &str) -> String {
     let nfc: String = text.nfc().collect();
-    FAST_SPACES.replace_all(&nfc, " ").chars().flat_map(char::to_lowercase).collect()
+    FAST_SPACES
+        .replace_all(&nfc, " ")
+        .chars()
+        .flat_map(char::to_lowercase)
+        .collect()
 }
 
 /// Words of cleaned slow-path text.
@@ -83,7 +95,10 @@ pub fn slow_words(text: &str) -> impl Iterator<Item = &str> {
 
 /// Words of normalized fast-path text.
 pub fn fast_words(text: &str) -> Vec<&str> {
-    FAST_WORDS.find_iter(text).flat_map(|m| GPT2_WORDS.find_iter(m.as_str()).map(|w| w.as_str())).collect()
+    FAST_WORDS
+        .find_iter(text)
+        .flat_map(|m| GPT2_WORDS.find_iter(m.as_str()).map(|w| w.as_str()))
+        .collect()
 }
 
 #[cfg(test)]
@@ -111,6 +126,9 @@ mod tests {
     fn word_patterns() {
         let w: Vec<&str> = slow_words("don't it'\u{17f} 12 ab!!").collect();
         assert_eq!(w, ["don", "'t", "it", "'\u{17f}", "1", "2", "ab", "!!"]);
-        assert_eq!(fast_words("it'\u{17f} <|endoftext|>"), ["it", "'", "\u{17f}", "<|", "endoftext", "|>"]);
+        assert_eq!(
+            fast_words("it'\u{17f} <|endoftext|>"),
+            ["it", "'", "\u{17f}", "<|", "endoftext", "|>"]
+        );
     }
 }
