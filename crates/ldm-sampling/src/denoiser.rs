@@ -156,3 +156,80 @@ impl<P: NoisePredictor> NoisePredictor for Cfg<P> {
         Ok((&uncond + ((&cond - &uncond)? * self.scale)?)?)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor};
+
+    use super::*;
+
+    /// Rows [uncond; cond] get different constant outputs.
+    struct Halves;
+    impl NoisePredictor for Halves {
+        fn predict(&self, x_in: &Tensor, _t: f64) -> Result<Tensor> {
+            let b = x_in.dim(0)? / 2;
+            let rows: Vec<f32> = (0..2 * b)
+                .map(|r| {
+                    if r < b {
+                        1.0 + r as f32
+                    } else {
+                        10.0 + r as f32
+                    }
+                })
+                .collect();
+            Ok(x_in.zeros_like()?.broadcast_add(&Tensor::from_vec(
+                rows,
+                (2 * b, 1),
+                x_in.device(),
+            )?)?)
+        }
+    }
+
+    #[test]
+    fn cfg_is_uncond_plus_scale_times_difference() {
+        let x = Tensor::zeros((2, 3), candle_core::DType::F32, &Device::Cpu).expect("x");
+        let out = Cfg {
+            inner: Halves,
+            scale: 7.5,
+        }
+        .predict(&x, 500.0)
+        .expect("cfg");
+        let got: Vec<Vec<f32>> = out.to_vec2().expect("values");
+        // row 0: uncond 1, cond 12; row 1: uncond 2, cond 13
+        assert_eq!(
+            got,
+            vec![vec![1.0 + 7.5 * 11.0; 3], vec![2.0 + 7.5 * 11.0; 3]]
+        );
+        assert!(guidance_enabled(1.01) && !guidance_enabled(1.0) && !guidance_enabled(0.5));
+    }
+
+    #[test]
+    fn eps_and_v_adapters_invert_the_forward_process() {
+        // x = x0 + σ ε; the model sees x_t = x/√(σ²+1); ε-target ε, v-target √ᾱ ε − √(1−ᾱ) x0.
+        let dev = Device::Cpu;
+        let x0 = Tensor::new(&[0.3f64, -1.1, 2.0], &dev).expect("x0");
+        let eps = Tensor::new(&[-0.5f64, 0.7, 1.3], &dev).expect("eps");
+        for sigma in [0.03, 1.0, 14.6] {
+            let x = (&x0 + (&eps * sigma).expect("s")).expect("x");
+            let (a, s) = (c_in(sigma), sigma * c_in(sigma)); // √ᾱ, √(1−ᾱ)
+            let v = ((&eps * a).expect("a") - (&x0 * s).expect("b")).expect("v");
+            for (d, out) in [
+                (
+                    Box::new(EpsDenoiser { model: Halves }) as Box<dyn Denoiser>,
+                    &eps,
+                ),
+                (Box::new(VDenoiser { model: Halves }), &v),
+            ] {
+                let got: Vec<f64> = d
+                    .x0_from_output(out, &x, sigma)
+                    .expect("x0")
+                    .to_vec1()
+                    .expect("v");
+                let want: Vec<f64> = x0.to_vec1().expect("v");
+                for (g, w) in got.iter().zip(want) {
+                    assert!((g - w).abs() < 1e-12, "σ {sigma}: {g} vs {w}");
+                }
+            }
+        }
+    }
+}

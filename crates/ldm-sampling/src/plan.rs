@@ -190,7 +190,10 @@ impl Plan {
             Grid::Euler { levels }
             | Grid::EulerAncestral { levels }
             | Grid::Lms { levels }
-            | Grid::DpmPp2m { levels } => levels[..levels.len() - 1].to_vec(),
+            | Grid::DpmPp2m { levels } => levels
+                .split_last()
+                .map(|(_, inner)| inner.to_vec())
+                .unwrap_or_default(),
         }
     }
 
@@ -213,7 +216,7 @@ pub fn prepare(
 ) -> Result<Plan> {
     config.check_supported(kind)?;
     let resolved = config.resolved(kind);
-    let schedule = Schedule::from_config(config, &resolved)?;
+    let schedule = Schedule::from_config(config, kind)?;
     let train = schedule.train_steps();
     if steps == 0 || steps > train {
         return Err(SamplingError::Steps { steps, max: train });
@@ -391,7 +394,7 @@ pub fn run(
         Grid::Lms { levels } => samplers::lms(denoiser, x, levels, on_step),
         Grid::DpmPp2m { levels } => {
             // diffusers runs DPM-Solver on VP latents (init_noise_sigma 1); this one runs in VE scaling.
-            let sigma = levels[0].sigma;
+            let sigma = levels.first().map_or(0.0, |l| l.sigma);
             let x = (x * (sigma * sigma + 1.0).sqrt())?;
             samplers::dpmpp_2m(denoiser, x, levels, on_step)
         }

@@ -106,9 +106,11 @@ pub fn np_arange(start: f64, step: f64, num: usize) -> Vec<f64> {
         .collect()
 }
 
-/// `numpy.interp(x, arange(len(fp)), fp)` in f64.
+/// `numpy.interp(x, arange(len(fp)), fp)` in f64 (NaN for an empty table).
 pub fn np_interp_index(x: f64, fp: &[f64]) -> f64 {
-    let last = fp.len() - 1;
+    let Some(last) = fp.len().checked_sub(1) else {
+        return f64::NAN;
+    };
     if x <= 0.0 {
         return fp[0];
     }
@@ -116,8 +118,7 @@ pub fn np_interp_index(x: f64, fp: &[f64]) -> f64 {
         return fp[last];
     }
     let j = x.floor() as usize;
-    let slope = (fp[j + 1] - fp[j]) / 1.0;
-    slope * (x - j as f64) + fp[j]
+    (fp[j + 1] - fp[j]) * (x - j as f64) + fp[j] // the slope over a unit interval
 }
 
 impl Schedule {
@@ -161,17 +162,16 @@ impl Schedule {
         Self::from_betas_f32(betas)
     }
 
-    /// The schedule a diffusers scheduler config describes, for a sampler whose beta defaults are `resolved`.
-    pub fn from_config(
-        config: &crate::SchedulerConfig,
-        resolved: &crate::config::Resolved,
-    ) -> Result<Self> {
+    /// The schedule a diffusers scheduler config describes for `kind` (whose class may have its own beta
+    /// defaults).
+    pub fn from_config(config: &crate::SchedulerConfig, kind: crate::SamplerKind) -> Result<Self> {
+        let r = config.resolved(kind);
         match &config.trained_betas {
             Some(b) => Self::from_betas(b),
             None => Self::new(
                 config.beta_schedule,
-                resolved.beta_start,
-                resolved.beta_end,
+                r.beta_start,
+                r.beta_end,
                 config.num_train_timesteps,
             ),
         }

@@ -10,12 +10,18 @@ use ldm_sampling::{prepare, BetaSchedule, SamplerKind, Schedule};
 
 fn max_abs(x: &[f64], y: &[f64]) -> f64 {
     assert_eq!(x.len(), y.len());
-    x.iter().zip(y).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max)
+    x.iter()
+        .zip(y)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max)
 }
 
 fn max_rel(x: &[f64], y: &[f64]) -> f64 {
     assert_eq!(x.len(), y.len());
-    x.iter().zip(y).map(|(a, b)| if a == b { 0.0 } else { (a - b).abs() / b.abs() }).fold(0.0, f64::max)
+    x.iter()
+        .zip(y)
+        .map(|(a, b)| if a == b { 0.0 } else { (a - b).abs() / b.abs() })
+        .fold(0.0, f64::max)
 }
 
 #[test]
@@ -24,14 +30,25 @@ fn betas_and_alphas_cumprod_match_diffusers() {
     let cases = [
         ("linear", BetaSchedule::Linear, 0.0001, 0.02),
         ("scaled_linear", BetaSchedule::ScaledLinear, 0.00085, 0.012),
-        ("squaredcos_cap_v2", BetaSchedule::SquaredcosCapV2, 0.0001, 0.02),
+        (
+            "squaredcos_cap_v2",
+            BetaSchedule::SquaredcosCapV2,
+            0.0001,
+            0.02,
+        ),
     ];
     for (name, kind, start, end) in cases {
         let s = Schedule::new(kind, start, end, 1000).expect("schedule");
         let betas = max_abs(&s.betas(), &vec_f64(&tables[&format!("betas.{name}")]));
-        let ab = max_abs(&s.alphas_cumprod(), &vec_f64(&tables[&format!("alphas_cumprod.{name}")]));
+        let ab = max_abs(
+            &s.alphas_cumprod(),
+            &vec_f64(&tables[&format!("alphas_cumprod.{name}")]),
+        );
         println!("{name}: max |Δβ| {betas:.1e}, max |Δᾱ| {ab:.1e}");
-        assert!(betas <= 1e-12 && ab <= 1e-12, "{name}: betas {betas:e}, alphas_cumprod {ab:e}");
+        assert!(
+            betas <= 1e-12 && ab <= 1e-12,
+            "{name}: betas {betas:e}, alphas_cumprod {ab:e}"
+        );
     }
 }
 
@@ -80,10 +97,16 @@ fn timesteps_and_sigmas_match_diffusers_for_every_spacing_and_step_count() {
             }
             let rel = max_rel(&got, &vec_f64(want));
             worst_sigma = worst_sigma.max(rel);
-            assert!(rel <= 5e-7, "{tag}: σ relative error {rel:e}: {got:?} vs {:?}", vec_f64(want));
+            assert!(
+                rel <= 5e-7,
+                "{tag}: σ relative error {rel:e}: {got:?} vs {:?}",
+                vec_f64(want)
+            );
         }
         checked += 1;
     }
-    println!("{checked} tables: Karras max |Δt| {worst_t_karras:.1e}, σ max relative {worst_sigma:.1e}");
+    println!(
+        "{checked} tables: Karras max |Δt| {worst_t_karras:.1e}, σ max relative {worst_sigma:.1e}"
+    );
     assert!(checked > 400);
 }

@@ -29,6 +29,7 @@ pub fn dpmpp_2m(
     levels: &[NoiseLevel],
     on_step: &mut dyn FnMut(Step<'_>),
 ) -> Result<Tensor> {
+    super::check_levels(levels)?;
     let total = levels.len() - 1;
     let mut previous: Option<(Tensor, f64)> = None; // (x̂₀_{i−1}, h_{i−1})
     for (index, w) in levels.windows(2).enumerate() {

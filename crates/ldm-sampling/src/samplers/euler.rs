@@ -29,6 +29,7 @@ pub fn euler(
     levels: &[NoiseLevel],
     on_step: &mut dyn FnMut(Step<'_>),
 ) -> Result<Tensor> {
+    super::check_levels(levels)?;
     let total = levels.len() - 1;
     for (index, w) in levels.windows(2).enumerate() {
         let (level, next) = (w[0], w[1].sigma);
@@ -53,6 +54,7 @@ pub fn euler_ancestral(
     rng: &mut dyn NoiseRng,
     on_step: &mut dyn FnMut(Step<'_>),
 ) -> Result<Tensor> {
+    super::check_levels(levels)?;
     let total = levels.len() - 1;
     for (index, w) in levels.windows(2).enumerate() {
         let (level, next) = (w[0], w[1].sigma);

@@ -21,6 +21,7 @@ pub fn heun(
     clip: Option<f64>,
     on_step: &mut dyn FnMut(Step<'_>),
 ) -> Result<Tensor> {
+    super::check_levels(levels)?;
     let total = 2 * (levels.len() - 1) - 1;
     let mut index = 0;
     for w in levels.windows(2) {
@@ -56,10 +57,13 @@ pub fn heun(
 
 /// The (σ, t) of every model evaluation [`heun`] makes along `levels`.
 pub(crate) fn heun_evaluations(levels: &[NoiseLevel]) -> Vec<NoiseLevel> {
-    let inner = &levels[..levels.len() - 1];
-    let mut out = vec![inner[0]];
-    for l in &inner[1..] {
-        out.extend([*l, *l]);
-    }
-    out
+    let Some((_, inner)) = levels.split_last() else {
+        return Vec::new();
+    };
+    let Some((first, rest)) = inner.split_first() else {
+        return Vec::new();
+    };
+    std::iter::once(*first)
+        .chain(rest.iter().flat_map(|l| [*l, *l]))
+        .collect()
 }

@@ -23,7 +23,7 @@ pub use dpmpp::dpmpp_2m;
 pub use euler::{euler, euler_ancestral};
 pub use heun::heun;
 pub(crate) use heun::heun_evaluations;
-pub use lms::{lms, lms_coefficient};
+pub use lms::lms;
 pub use plms::plms;
 
 use candle_core::Tensor;
@@ -89,6 +89,17 @@ pub(crate) fn noise_like(rng: &mut dyn NoiseRng, x: &Tensor) -> Result<Tensor> {
 /// a·x + b·y.
 pub(crate) fn lin2(a: f64, x: &Tensor, b: f64, y: &Tensor) -> Result<Tensor> {
     Ok(((x * a)? + (y * b)?)?)
+}
+
+/// Refuses a σ grid with fewer than two levels (nothing to step between).
+pub(crate) fn check_levels(levels: &[NoiseLevel]) -> Result<()> {
+    if levels.len() < 2 {
+        return Err(SamplingError::Config(format!(
+            "a σ grid needs at least 2 levels, got {}",
+            levels.len()
+        )));
+    }
+    Ok(())
 }
 
 /// x̂₀ clamped to ±range when diffusers' `clip_sample` is on.

@@ -16,7 +16,8 @@ pub fn fixture_dir() -> PathBuf {
 
 pub fn load_tensors(file: &str) -> HashMap<String, Tensor> {
     let path = fixture_dir().join(file);
-    candle_core::safetensors::load(&path, &Device::Cpu).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    candle_core::safetensors::load(&path, &Device::Cpu)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 pub fn load_meta() -> serde_json::Value {
@@ -26,11 +27,18 @@ pub fn load_meta() -> serde_json::Value {
 }
 
 pub fn vec_f64(t: &Tensor) -> Vec<f64> {
-    t.flatten_all().and_then(|t| t.to_dtype(candle_core::DType::F64)).and_then(|t| t.to_vec1()).expect("tensor")
+    t.flatten_all()
+        .and_then(|t| t.to_dtype(candle_core::DType::F64))
+        .and_then(|t| t.to_vec1())
+        .expect("tensor")
 }
 
 pub fn f32_list(v: &serde_json::Value) -> Vec<f64> {
-    v.as_array().expect("array").iter().map(|x| x.as_f64().expect("number")).collect()
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_f64().expect("number"))
+        .collect()
 }
 
 /// SD 1.5's scheduler config from the fixture with `overrides` merged in, parsed by the crate.
@@ -52,7 +60,10 @@ pub struct FakeModel {
 
 impl FakeModel {
     pub fn new(rows: Vec<f64>) -> Self {
-        Self { rows, calls: RefCell::new(Vec::new()) }
+        Self {
+            rows,
+            calls: RefCell::new(Vec::new()),
+        }
     }
 }
 
@@ -61,7 +72,8 @@ impl NoisePredictor for FakeModel {
         self.calls.borrow_mut().push(t);
         let a = 0.8 + 0.2 * (t / 150.0).cos();
         let b = 0.3 * (t / 250.0 + 0.5).sin();
-        let rows = Tensor::from_vec(self.rows.clone(), (self.rows.len(), 1, 1, 1), x_in.device())?.to_dtype(x_in.dtype())?;
+        let rows = Tensor::from_vec(self.rows.clone(), (self.rows.len(), 1, 1, 1), x_in.device())?
+            .to_dtype(x_in.dtype())?;
         Ok(((x_in.tanh()? * a)? + (x_in * b)?)?.broadcast_add(&rows)?)
     }
 }
@@ -82,7 +94,13 @@ impl NoiseRng for ReplayRng {
     fn randn(&mut self, n: usize) -> Vec<f32> {
         let d = self.draws.get(self.next).cloned().unwrap_or_default();
         self.next += 1;
-        assert_eq!(d.len(), n, "draw {} has {} values, sampler asked for {n}", self.next - 1, d.len());
+        assert_eq!(
+            d.len(),
+            n,
+            "draw {} has {} values, sampler asked for {n}",
+            self.next - 1,
+            d.len()
+        );
         d
     }
 }
@@ -90,8 +108,10 @@ impl NoiseRng for ReplayRng {
 /// Worst ratio |x−y| / max(R·|x+y|, A) over the elements (≤ 1 passes), and the worst absolute error.
 pub fn tolerance_ratio(x: &[f64], y: &[f64], r: f64, a: f64) -> (f64, f64) {
     assert_eq!(x.len(), y.len());
-    x.iter().zip(y).fold((0.0f64, 0.0f64), |(worst, abs), (&x, &y)| {
-        let err = (x - y).abs();
-        (worst.max(err / (r * (x + y).abs()).max(a)), abs.max(err))
-    })
+    x.iter()
+        .zip(y)
+        .fold((0.0f64, 0.0f64), |(worst, abs), (&x, &y)| {
+            let err = (x - y).abs();
+            (worst.max(err / (r * (x + y).abs()).max(a)), abs.max(err))
+        })
 }
