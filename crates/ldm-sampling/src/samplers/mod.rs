@@ -1,0 +1,111 @@
+//! The samplers, each a plain function of a [`Denoiser`] (STYLE P1).
+//!
+//! Two families, two scalings:
+//!
+//! * DDIM, PLMS and DDPM walk integer timesteps and keep diffusers' variance-preserving latents
+//!   x_t = √ᾱ x₀ + √(1−ᾱ) ε; they hand the denoiser x_t/√ᾱ (its VE scaling) and use ᾱ bookkeeping
+//!   ([`DiscreteStep`]) because diffusers' versions step between levels that are not always the ones the
+//!   model was evaluated at.
+//! * Euler, Euler ancestral, Heun, LMS and DPM++ 2M take x in VE scaling (x = x₀ + σε, k-diffusion's
+//!   convention) and a σ grid ending at 0 (`levels`, each with its model t).
+
+mod ddim;
+mod ddpm;
+mod dpmpp;
+mod euler;
+mod heun;
+mod lms;
+mod plms;
+
+pub use ddim::ddim;
+pub use ddpm::ddpm;
+pub use dpmpp::dpmpp_2m;
+pub use euler::{euler, euler_ancestral};
+pub use heun::heun;
+pub(crate) use heun::heun_evaluations;
+pub use lms::lms;
+pub use plms::plms;
+
+use candle_core::Tensor;
+use ldm_core::rng::NoiseRng;
+
+use crate::denoiser::NoiseLevel;
+use crate::error::{Result, SamplingError};
+
+/// What a sampler reports after each model evaluation.
+#[derive(Debug, Clone, Copy)]
+pub struct Step<'a> {
+    /// 0-based index of the evaluation.
+    pub index: usize,
+    /// Number of evaluations the run makes.
+    pub total: usize,
+    /// Where the model was evaluated.
+    pub level: NoiseLevel,
+    /// The x̂₀ estimate the update used ([B, C, H, W]).
+    pub denoised: &'a Tensor,
+}
+
+/// One model evaluation of a discrete-time sampler, in ᾱ bookkeeping.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DiscreteStep {
+    /// The model timestep.
+    pub t: f64,
+    /// ᾱ at `t`: the level the model is told its input is at.
+    pub alpha_bar: f64,
+    /// ᾱ of the sample the update starts from (differs from `alpha_bar` only in PLMS's second call).
+    pub alpha_bar_from: f64,
+    /// ᾱ the update moves to.
+    pub alpha_bar_to: f64,
+}
+
+impl DiscreteStep {
+    /// The evaluation point: t with σ = √((1−ᾱ)/ᾱ).
+    pub fn level(&self) -> NoiseLevel {
+        NoiseLevel {
+            sigma: sigma_of(self.alpha_bar),
+            t: self.t,
+        }
+    }
+}
+
+/// σ = √((1−ᾱ)/ᾱ).
+pub fn sigma_of(alpha_bar: f64) -> f64 {
+    ((1.0 - alpha_bar) / alpha_bar).sqrt()
+}
+
+/// One `randn` of `x`'s size from `rng`, shaped and typed like `x`.
+pub(crate) fn noise_like(rng: &mut dyn NoiseRng, x: &Tensor) -> Result<Tensor> {
+    let n = x.elem_count();
+    let v = rng.randn(n);
+    if v.len() != n {
+        return Err(SamplingError::NoiseLength {
+            got: v.len(),
+            expected: n,
+        });
+    }
+    Ok(Tensor::from_vec(v, x.shape(), x.device())?.to_dtype(x.dtype())?)
+}
+
+/// a·x + b·y.
+pub(crate) fn lin2(a: f64, x: &Tensor, b: f64, y: &Tensor) -> Result<Tensor> {
+    Ok(((x * a)? + (y * b)?)?)
+}
+
+/// Refuses a σ grid with fewer than two levels (nothing to step between).
+pub(crate) fn check_levels(levels: &[NoiseLevel]) -> Result<()> {
+    if levels.len() < 2 {
+        return Err(SamplingError::Config(format!(
+            "a σ grid needs at least 2 levels, got {}",
+            levels.len()
+        )));
+    }
+    Ok(())
+}
+
+/// x̂₀ clamped to ±range when diffusers' `clip_sample` is on.
+pub(crate) fn clip_x0(x0: Tensor, clip: Option<f64>) -> Result<Tensor> {
+    Ok(match clip {
+        Some(r) => x0.clamp(-r, r)?,
+        None => x0,
+    })
+}
