@@ -2,3 +2,5 @@
 //! restricted, never-executing pickle reader for `.ckpt`), the torch-compatible random number generator, and
 //! image/array I/O.
 pub mod rng;
+pub mod ckpt;
+pub mod pickle;
