@@ -11,12 +11,17 @@
 //! values for `PUT`/`GET`; objects with identity (lists, dicts, tensors, …) live in an [`Arena`].
 //! Storages are external: `BINPERSID` turns a persistent id `('storage', FloatStorage, key, location, numel)`
 //! into a [`StorageRef`] whose bytes the caller ([`crate::ckpt`]) reads from the archive.
+mod decode;
 pub mod globals;
 pub mod value;
 
 use std::collections::HashMap;
 use std::rc::Rc;
 
+pub use decode::op_name;
+use decode::{
+    decimal_to_long, decode_raw_unicode_escape, decode_string_escape, long_from_bytes, py2_string,
+};
 pub use globals::Global;
 pub use value::{Arena, Dict, NpDtype, Obj, ObjId, StorageDtype, StorageRef, TensorRef, Value};
 
@@ -34,7 +39,11 @@ pub enum PickleError {
     #[error("forbidden global '{module}.{name}'")]
     ForbiddenGlobal { module: String, name: String },
     #[error("{op} at byte {pos}: {detail}")]
-    Invalid { op: &'static str, pos: usize, detail: String },
+    Invalid {
+        op: &'static str,
+        pos: usize,
+        detail: String,
+    },
 }
 
 /// Which persistent-id layout `BINPERSID` accepts.
@@ -159,7 +168,8 @@ impl<'a> Unpickler<'a> {
             }
             0x8b => {
                 let n = i32::from_le_bytes(self.array()?);
-                let n = usize::try_from(n).map_err(|_| self.invalid(format!("negative length {n}")))?;
+                let n =
+                    usize::try_from(n).map_err(|_| self.invalid(format!("negative length {n}")))?;
                 let bytes = self.take(n)?;
                 self.stack.push(long_from_bytes(bytes));
             }
@@ -168,7 +178,10 @@ impl<'a> Unpickler<'a> {
                 let v = match line {
                     "00" => Value::Bool(false),
                     "01" => Value::Bool(true),
-                    s => Value::Int(s.parse().map_err(|_| self.invalid(format!("bad integer {s:?}")))?),
+                    s => Value::Int(
+                        s.parse()
+                            .map_err(|_| self.invalid(format!("bad integer {s:?}")))?,
+                    ),
                 };
                 self.stack.push(v);
             }
@@ -177,7 +190,8 @@ impl<'a> Unpickler<'a> {
                 let s = line.strip_suffix('L').unwrap_or(line);
                 let v = match s.parse() {
                     Ok(v) => Value::Int(v),
-                    Err(_) => decimal_to_long(s).ok_or_else(|| self.invalid(format!("bad integer {s:?}")))?,
+                    Err(_) => decimal_to_long(s)
+                        .ok_or_else(|| self.invalid(format!("bad integer {s:?}")))?,
                 };
                 self.stack.push(v);
             }
@@ -187,7 +201,9 @@ impl<'a> Unpickler<'a> {
             }
             b'F' => {
                 let line = self.line_str()?;
-                let v = line.parse().map_err(|_| self.invalid(format!("bad float {line:?}")))?;
+                let v = line
+                    .parse()
+                    .map_err(|_| self.invalid(format!("bad float {line:?}")))?;
                 self.stack.push(Value::Float(v));
             }
             // --- strings and bytes ---
@@ -222,7 +238,8 @@ impl<'a> Unpickler<'a> {
             }
             b'T' => {
                 let n = i32::from_le_bytes(self.array()?);
-                let n = usize::try_from(n).map_err(|_| self.invalid(format!("negative length {n}")))?;
+                let n =
+                    usize::try_from(n).map_err(|_| self.invalid(format!("negative length {n}")))?;
                 let raw = self.take(n)?;
                 self.stack.push(py2_string(raw));
             }
@@ -322,7 +339,9 @@ impl<'a> Unpickler<'a> {
             }
             b'p' => {
                 let line = self.line_str()?;
-                let k = line.parse().map_err(|_| self.invalid(format!("bad memo key {line:?}")))?;
+                let k = line
+                    .parse()
+                    .map_err(|_| self.invalid(format!("bad memo key {line:?}")))?;
                 self.put(k)?;
             }
             0x94 => self.put(self.memo.len() as u64)?,
@@ -336,7 +355,9 @@ impl<'a> Unpickler<'a> {
             }
             b'g' => {
                 let line = self.line_str()?;
-                let k = line.parse().map_err(|_| self.invalid(format!("bad memo key {line:?}")))?;
+                let k = line
+                    .parse()
+                    .map_err(|_| self.invalid(format!("bad memo key {line:?}")))?;
                 self.get(k)?;
             }
             // --- globals and object construction ---
@@ -408,9 +429,17 @@ impl<'a> Unpickler<'a> {
                 self.stack.push(v);
             }
             b'P' | 0x82..=0x84 | 0x97 | 0x98 => {
-                return Err(PickleError::Unsupported { op: op_name(self.op), pos: self.op_pos })
+                return Err(PickleError::Unsupported {
+                    op: op_name(self.op),
+                    pos: self.op_pos,
+                })
             }
-            op => return Err(PickleError::BadOpcode { op, pos: self.op_pos }),
+            op => {
+                return Err(PickleError::BadOpcode {
+                    op,
+                    pos: self.op_pos,
+                })
+            }
         }
         Ok(())
     }
@@ -439,7 +468,10 @@ impl<'a> Unpickler<'a> {
     /// A protocol-0 argument: the bytes up to the next newline (which is consumed).
     fn line(&mut self) -> Res<&'a [u8]> {
         let rest = self.data.get(self.pos..).unwrap_or_default();
-        let n = rest.iter().position(|&b| b == b'\n').ok_or(PickleError::Truncated { pos: self.op_pos })?;
+        let n = rest
+            .iter()
+            .position(|&b| b == b'\n')
+            .ok_or(PickleError::Truncated { pos: self.op_pos })?;
         let line = self.take(n)?;
         self.pos += 1;
         Ok(line)
@@ -456,7 +488,8 @@ impl<'a> Unpickler<'a> {
 
     fn push_unicode(&mut self, n: usize) -> Res<()> {
         let raw = self.take(n)?;
-        let s = std::str::from_utf8(raw).map_err(|_| self.invalid("string is not valid UTF-8".into()))?;
+        let s = std::str::from_utf8(raw)
+            .map_err(|_| self.invalid("string is not valid UTF-8".into()))?;
         self.stack.push(Value::Str(Rc::from(s)));
         Ok(())
     }
@@ -475,11 +508,18 @@ impl<'a> Unpickler<'a> {
     }
 
     fn underflow(&self) -> PickleError {
-        PickleError::StackUnderflow { op: op_name(self.op), pos: self.op_pos }
+        PickleError::StackUnderflow {
+            op: op_name(self.op),
+            pos: self.op_pos,
+        }
     }
 
     fn invalid(&self, detail: String) -> PickleError {
-        PickleError::Invalid { op: op_name(self.op), pos: self.op_pos, detail }
+        PickleError::Invalid {
+            op: op_name(self.op),
+            pos: self.op_pos,
+            detail,
+        }
     }
 
     fn pop(&mut self) -> Res<Value> {
@@ -518,7 +558,7 @@ impl<'a> Unpickler<'a> {
     }
 
     fn fill_dict(&self, d: &mut Dict, items: Vec<Value>) -> Res<()> {
-        if items.len() % 2 != 0 {
+        if items.len() & 1 == 1 {
             return Err(self.invalid(format!("odd number of items ({}) for a dict", items.len())));
         }
         let mut it = items.into_iter();
@@ -531,7 +571,9 @@ impl<'a> Unpickler<'a> {
     fn top_id(&self) -> Res<ObjId> {
         match self.peek()? {
             Value::Ref(id) => Ok(*id),
-            other => Err(self.invalid(format!("expected a container on the stack, found {other:?}"))),
+            other => Err(self.invalid(format!(
+                "expected a container on the stack, found {other:?}"
+            ))),
         }
     }
 
@@ -542,7 +584,10 @@ impl<'a> Unpickler<'a> {
                 f(d);
                 Ok(())
             }
-            _ => Err(self.invalid(format!("target is a {}, not a dict", Value::Ref(id).type_name(&self.arena)))),
+            _ => Err(self.invalid(format!(
+                "target is a {}, not a dict",
+                Value::Ref(id).type_name(&self.arena)
+            ))),
         }
     }
 
@@ -553,14 +598,24 @@ impl<'a> Unpickler<'a> {
                 f(l);
                 Ok(())
             }
-            _ => Err(self.invalid(format!("cannot add items to a {}", Value::Ref(id).type_name(&self.arena)))),
+            _ => Err(self.invalid(format!(
+                "cannot add items to a {}",
+                Value::Ref(id).type_name(&self.arena)
+            ))),
         }
     }
 
+    /// The argument tuple of REDUCE/NEWOBJ. No allow-listed constructor takes more than 7 arguments.
     fn tuple_items(&self, v: &Value) -> Res<Vec<Value>> {
         match self.arena.deref(v) {
-            Some(Obj::Tuple(items)) => Ok(items.clone()),
-            _ => Err(self.invalid(format!("arguments are a {}, not a tuple", v.type_name(&self.arena)))),
+            Some(Obj::Tuple(items)) if items.len() <= 8 => Ok(items.clone()),
+            Some(Obj::Tuple(items)) => {
+                Err(self.invalid(format!("{} arguments is too many", items.len())))
+            }
+            _ => Err(self.invalid(format!(
+                "arguments are a {}, not a tuple",
+                v.type_name(&self.arena)
+            ))),
         }
     }
 
@@ -573,7 +628,20 @@ impl<'a> Unpickler<'a> {
 
     /// `BINPERSID`: a storage reference, never anything else.
     fn persistent_load(&mut self, pid: &Value) -> Result<Value, String> {
-        let items = self.arena.seq(pid).ok_or("persistent id is not a tuple")?.to_vec();
+        let items = self.arena.seq(pid).ok_or("persistent id is not a tuple")?;
+        if let Some(Value::Str(tag)) = items.first() {
+            if &**tag == "module" {
+                return Err(
+                    "the checkpoint pickles an nn.Module class ('module' persistent id); \
+                            only state dicts can be read"
+                        .into(),
+                );
+            }
+        }
+        if items.len() > 6 {
+            return Err(format!("persistent id has {} fields", items.len()));
+        }
+        let items = items.to_vec();
         let (head, view) = match (self.pids, items.len()) {
             (PersistentIds::Zip, 5) => (&items[..], None),
             (PersistentIds::Legacy, 6) => (&items[..5], items.get(5)),
@@ -586,26 +654,42 @@ impl<'a> Unpickler<'a> {
             return Err(format!("persistent id of kind {tag:?} is not supported"));
         }
         let Value::Global(Global::StorageClass(dtype)) = storage_type else {
-            return Err(format!("storage type is a {}, not a torch storage class", storage_type.type_name(&self.arena)));
+            return Err(format!(
+                "storage type is a {}, not a torch storage class",
+                storage_type.type_name(&self.arena)
+            ));
         };
         let key = key_string(key)?;
-        let Value::Int(numel) = numel else { return Err("storage numel is not an int".into()) };
+        let Value::Int(numel) = numel else {
+            return Err("storage numel is not an int".into());
+        };
         let numel = u64::try_from(*numel).map_err(|_| format!("negative storage numel {numel}"))?;
         match self.storages.get(&key) {
             Some((d, _)) if d != dtype => {
-                return Err(format!("storage '{key}' is used as both {} and {}", d.torch_name(), dtype.torch_name()))
+                return Err(format!(
+                    "storage '{key}' is used as both {} and {}",
+                    d.torch_name(),
+                    dtype.torch_name()
+                ))
             }
             _ => {
                 self.storages.insert(key.clone(), (*dtype, numel));
             }
         }
-        let mut storage = StorageRef { key, dtype: *dtype, numel, base_offset: 0 };
+        let mut storage = StorageRef {
+            key,
+            dtype: *dtype,
+            numel,
+            base_offset: 0,
+        };
         if let Some(view) = view {
             if *view != Value::None {
-                let Some([_view_key, Value::Int(offset), Value::Int(_size)]) = self.arena.seq(view) else {
+                let Some([_view_key, Value::Int(offset), Value::Int(_size)]) = self.arena.seq(view)
+                else {
                     return Err("storage view metadata is not (key, offset, size)".into());
                 };
-                storage.base_offset = u64::try_from(*offset).map_err(|_| "negative storage view offset")?;
+                storage.base_offset =
+                    u64::try_from(*offset).map_err(|_| "negative storage view offset")?;
             }
         }
         Ok(self.arena.alloc(Obj::Storage(storage)))
@@ -613,213 +697,20 @@ impl<'a> Unpickler<'a> {
 }
 
 fn resolve(module: &str, name: &str) -> Res<Global> {
-    Global::resolve(module, name)
-        .ok_or_else(|| PickleError::ForbiddenGlobal { module: module.to_string(), name: name.to_string() })
+    Global::resolve(module, name).ok_or_else(|| PickleError::ForbiddenGlobal {
+        module: module.to_string(),
+        name: name.to_string(),
+    })
 }
 
 fn key_string(v: &Value) -> Result<String, String> {
     match v {
         Value::Str(s) => Ok(s.to_string()),
         Value::Int(i) => Ok(i.to_string()),
-        Value::Bytes(b) => String::from_utf8(b.to_vec()).map_err(|_| "storage key is not UTF-8".to_string()),
+        Value::Bytes(b) => {
+            String::from_utf8(b.to_vec()).map_err(|_| "storage key is not UTF-8".to_string())
+        }
         _ => Err("storage key is not a string".into()),
-    }
-}
-
-/// LONG1/LONG4 payload: little-endian two's complement.
-fn long_from_bytes(bytes: &[u8]) -> Value {
-    if bytes.len() > 8 {
-        return Value::BigInt(Rc::from(bytes));
-    }
-    let negative = bytes.last().is_some_and(|b| b & 0x80 != 0);
-    let mut le = if negative { [0xffu8; 8] } else { [0u8; 8] };
-    le[..bytes.len()].copy_from_slice(bytes);
-    Value::Int(i64::from_le_bytes(le))
-}
-
-/// A decimal integer outside the i64 range, as LONG1 would store it (minimal little-endian two's complement).
-fn decimal_to_long(s: &str) -> Option<Value> {
-    let (negative, digits) = match s.strip_prefix('-') {
-        Some(d) => (true, d),
-        None => (false, s.strip_prefix('+').unwrap_or(s)),
-    };
-    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    // Magnitude, little-endian base 256: multiply by 10 and add each digit.
-    let mut mag: Vec<u8> = Vec::new();
-    for d in digits.bytes() {
-        let mut carry = u32::from(d - b'0');
-        for byte in mag.iter_mut() {
-            let x = u32::from(*byte) * 10 + carry;
-            *byte = (x & 0xff) as u8;
-            carry = x >> 8;
-        }
-        while carry > 0 {
-            mag.push((carry & 0xff) as u8);
-            carry >>= 8;
-        }
-    }
-    mag.push(0); // room for the sign bit
-    if negative {
-        let mut carry = 1u16;
-        for byte in mag.iter_mut() {
-            let x = u16::from(!*byte) + carry;
-            *byte = (x & 0xff) as u8;
-            carry = x >> 8;
-        }
-    }
-    // Drop redundant sign-extension bytes.
-    while mag.len() > 1 {
-        let (last, prev) = (mag[mag.len() - 1], mag[mag.len() - 2]);
-        if (last == 0 && prev & 0x80 == 0) || (last == 0xff && prev & 0x80 != 0) {
-            mag.pop();
-        } else {
-            break;
-        }
-    }
-    Some(long_from_bytes(&mag))
-}
-
-/// Python 2 `str` (STRING/BINSTRING/SHORT_BINSTRING): text when it is UTF-8, bytes otherwise.
-fn py2_string(raw: &[u8]) -> Value {
-    match std::str::from_utf8(raw) {
-        Ok(s) => Value::Str(Rc::from(s)),
-        Err(_) => Value::Bytes(Rc::from(raw)),
-    }
-}
-
-/// The quoted `repr` argument of protocol-0 `STRING` (Python's `string-escape` codec).
-fn decode_string_escape(line: &[u8]) -> Result<Vec<u8>, String> {
-    let inner = match line {
-        [q, inner @ .., q2] if (*q == b'\'' || *q == b'"') && q == q2 => inner,
-        _ => return Err("STRING argument is not quoted".into()),
-    };
-    let mut out = Vec::with_capacity(inner.len());
-    let mut it = inner.iter().copied();
-    while let Some(b) = it.next() {
-        if b != b'\\' {
-            out.push(b);
-            continue;
-        }
-        match it.next() {
-            Some(b'n') => out.push(b'\n'),
-            Some(b't') => out.push(b'\t'),
-            Some(b'r') => out.push(b'\r'),
-            Some(b'0') => out.push(0),
-            Some(b'x') => {
-                let hex = [it.next().unwrap_or(b'?'), it.next().unwrap_or(b'?')];
-                let s = std::str::from_utf8(&hex).map_err(|_| "bad \\x escape")?;
-                out.push(u8::from_str_radix(s, 16).map_err(|_| "bad \\x escape")?);
-            }
-            Some(c @ (b'\\' | b'\'' | b'"')) => out.push(c),
-            Some(c) => {
-                out.push(b'\\');
-                out.push(c);
-            }
-            None => return Err("dangling backslash".into()),
-        }
-    }
-    Ok(out)
-}
-
-/// The argument of protocol-0 `UNICODE` (Python's `raw-unicode-escape`: latin-1 plus `\uXXXX`/`\UXXXXXXXX`).
-fn decode_raw_unicode_escape(line: &[u8]) -> Result<String, String> {
-    let mut out = String::with_capacity(line.len());
-    let mut i = 0;
-    while i < line.len() {
-        let b = line[i];
-        let digits = match (b, line.get(i + 1)) {
-            (b'\\', Some(b'u')) => 4,
-            (b'\\', Some(b'U')) => 8,
-            _ => 0,
-        };
-        if digits == 0 {
-            out.push(char::from(b));
-            i += 1;
-            continue;
-        }
-        let hex = line.get(i + 2..i + 2 + digits).ok_or("truncated \\u escape")?;
-        let hex = std::str::from_utf8(hex).map_err(|_| "bad \\u escape")?;
-        let code = u32::from_str_radix(hex, 16).map_err(|_| "bad \\u escape")?;
-        out.push(char::from_u32(code).ok_or("\\u escape is not a character")?);
-        i += 2 + digits;
-    }
-    Ok(out)
-}
-
-/// The `pickletools` name of an opcode (for messages).
-pub fn op_name(op: u8) -> &'static str {
-    match op {
-        b'(' => "MARK",
-        b'.' => "STOP",
-        b'0' => "POP",
-        b'1' => "POP_MARK",
-        b'2' => "DUP",
-        b'F' => "FLOAT",
-        b'I' => "INT",
-        b'J' => "BININT",
-        b'K' => "BININT1",
-        b'L' => "LONG",
-        b'M' => "BININT2",
-        b'N' => "NONE",
-        b'P' => "PERSID",
-        b'Q' => "BINPERSID",
-        b'R' => "REDUCE",
-        b'S' => "STRING",
-        b'T' => "BINSTRING",
-        b'U' => "SHORT_BINSTRING",
-        b'V' => "UNICODE",
-        b'X' => "BINUNICODE",
-        b'a' => "APPEND",
-        b'b' => "BUILD",
-        b'c' => "GLOBAL",
-        b'd' => "DICT",
-        b'}' => "EMPTY_DICT",
-        b'e' => "APPENDS",
-        b'g' => "GET",
-        b'h' => "BINGET",
-        b'i' => "INST",
-        b'j' => "LONG_BINGET",
-        b'l' => "LIST",
-        b']' => "EMPTY_LIST",
-        b'o' => "OBJ",
-        b'p' => "PUT",
-        b'q' => "BINPUT",
-        b'r' => "LONG_BINPUT",
-        b's' => "SETITEM",
-        b't' => "TUPLE",
-        b')' => "EMPTY_TUPLE",
-        b'u' => "SETITEMS",
-        b'G' => "BINFLOAT",
-        b'B' => "BINBYTES",
-        b'C' => "SHORT_BINBYTES",
-        0x80 => "PROTO",
-        0x81 => "NEWOBJ",
-        0x82 => "EXT1",
-        0x83 => "EXT2",
-        0x84 => "EXT4",
-        0x85 => "TUPLE1",
-        0x86 => "TUPLE2",
-        0x87 => "TUPLE3",
-        0x88 => "NEWTRUE",
-        0x89 => "NEWFALSE",
-        0x8a => "LONG1",
-        0x8b => "LONG4",
-        0x8c => "SHORT_BINUNICODE",
-        0x8d => "BINUNICODE8",
-        0x8e => "BINBYTES8",
-        0x8f => "EMPTY_SET",
-        0x90 => "ADDITEMS",
-        0x91 => "FROZENSET",
-        0x92 => "NEWOBJ_EX",
-        0x93 => "STACK_GLOBAL",
-        0x94 => "MEMOIZE",
-        0x95 => "FRAME",
-        0x96 => "BYTEARRAY8",
-        0x97 => "NEXT_BUFFER",
-        0x98 => "READONLY_BUFFER",
-        _ => "unknown opcode",
     }
 }
 
@@ -858,9 +749,23 @@ mod tests {
             assert_eq!(e[1].1, Value::Int(1 << 40));
             assert_eq!(e[2].1, Value::Float(0.5));
             let list = arena.seq(&e[3].1).expect("list");
-            assert_eq!(list, [Value::Bool(true), Value::Bool(false), Value::Str("a".into()), Value::None]);
-            assert_eq!(arena.seq(&e[4].1).expect("tuple"), [Value::Int(1), Value::Int(-2)]);
-            assert_eq!(e[5].1, Value::BigInt(Rc::from(&[0, 0, 0, 0, 0, 0, 0, 0, 0x40][..])));
+            assert_eq!(
+                list,
+                [
+                    Value::Bool(true),
+                    Value::Bool(false),
+                    Value::Str("a".into()),
+                    Value::None
+                ]
+            );
+            assert_eq!(
+                arena.seq(&e[4].1).expect("tuple"),
+                [Value::Int(1), Value::Int(-2)]
+            );
+            assert_eq!(
+                e[5].1,
+                Value::BigInt(Rc::from(&[0, 0, 0, 0, 0, 0, 0, 0, 0x40][..]))
+            );
             assert_eq!(e[6].1, Value::Int(i64::MIN));
         }
     }
@@ -871,7 +776,9 @@ mod tests {
         let data = b"\x80\x05\x95R\x00\x00\x00\x00\x00\x00\x00\x8c\x0bcollections\x94\x8c\x0bOrderedDict\x94\x93\x94)R\x94(\x8c\x01x\x94\x8f\x94(K\x01K\x02\x90\x8c\x01y\x94(K\x03\x91\x94\x8c\x01z\x94C\x02\x00\xff\x94\x8c\x01w\x94\x96\x02\x00\x00\x00\x00\x00\x00\x00ab\x94u.";
         let (v, arena) = run(data).expect("valid pickle");
         let e = dict_entries(&v, &arena);
-        assert!(matches!(arena.deref(&e[0].1), Some(Obj::Set(s)) if s == &[Value::Int(1), Value::Int(2)]));
+        assert!(
+            matches!(arena.deref(&e[0].1), Some(Obj::Set(s)) if s == &[Value::Int(1), Value::Int(2)])
+        );
         assert!(matches!(arena.deref(&e[1].1), Some(Obj::Set(s)) if s == &[Value::Int(3)]));
         assert_eq!(e[2].1, Value::Bytes(Rc::from(&b"\x00\xff"[..])));
         assert_eq!(e[3].1, Value::Bytes(Rc::from(&b"ab"[..])));
@@ -887,10 +794,22 @@ mod tests {
     #[test]
     fn code_execution_globals_are_refused_in_every_spelling() {
         // GLOBAL + REDUCE (protocol 0), INST, STACK_GLOBAL (protocol 4), and a global hidden in a tuple
-        assert_eq!(forbidden(b"cos\nsystem\n(S'true'\ntR."), ("os".into(), "system".into()));
-        assert_eq!(forbidden(b"(S'true'\nios\nsystem\n."), ("os".into(), "system".into()));
-        assert_eq!(forbidden(b"\x80\x04\x8c\x08builtins\x8c\x04eval\x93."), ("builtins".into(), "eval".into()));
-        assert_eq!(forbidden(b"(K\x01ctorch\nload\nt."), ("torch".into(), "load".into()));
+        assert_eq!(
+            forbidden(b"cos\nsystem\n(S'true'\ntR."),
+            ("os".into(), "system".into())
+        );
+        assert_eq!(
+            forbidden(b"(S'true'\nios\nsystem\n."),
+            ("os".into(), "system".into())
+        );
+        assert_eq!(
+            forbidden(b"\x80\x04\x8c\x08builtins\x8c\x04eval\x93."),
+            ("builtins".into(), "eval".into())
+        );
+        assert_eq!(
+            forbidden(b"(K\x01ctorch\nload\nt."),
+            ("torch".into(), "load".into())
+        );
         // _rebuild_from_type_v2 must not smuggle in a tensor subclass
         let data = b"\x80\x02ctorch._tensor\n_rebuild_from_type_v2\n(ccollections\nOrderedDict\nccollections\nOrderedDict\n)}tR.";
         let err = run(data).expect_err("subclass");
@@ -903,7 +822,10 @@ mod tests {
             (b"\x80\x02a.", "stack underflow at byte 2 (APPEND)"),
             (b"K\x01t.", "stack underflow at byte 2 (TUPLE)"),
             (b"(0\x30.", "stack underflow at byte 2 (POP)"),
-            (b"\x80\x02X\x10\x00\x00\x00ab", "pickle data ends early at byte 2"),
+            (
+                b"\x80\x02X\x10\x00\x00\x00ab",
+                "pickle data ends early at byte 2",
+            ),
             (b"h\x05.", "memo key 5 was never stored"),
             (b"K\x01)R.", "cannot call a int"),
             (b"\xff", "bad opcode 0xff at byte 0"),
@@ -911,7 +833,10 @@ mod tests {
         ];
         for (data, want) in cases {
             let err = run(data).expect_err("malformed");
-            assert!(err.to_string().contains(want), "{data:?}: {err} (wanted {want})");
+            assert!(
+                err.to_string().contains(want),
+                "{data:?}: {err} (wanted {want})"
+            );
         }
         assert!(run(b"").is_err());
         assert!(run(b"K\x01").is_err()); // no STOP
@@ -931,7 +856,10 @@ mod tests {
     fn decimal_longs_match_long1_encoding() {
         assert_eq!(decimal_to_long("-129"), Some(Value::Int(-129)));
         let big = decimal_to_long("-1180591620717411303424").expect("valid");
-        assert_eq!(big, Value::BigInt(Rc::from(&[0, 0, 0, 0, 0, 0, 0, 0, 0xc0][..])));
+        assert_eq!(
+            big,
+            Value::BigInt(Rc::from(&[0, 0, 0, 0, 0, 0, 0, 0, 0xc0][..]))
+        );
         assert_eq!(decimal_to_long("12a"), None);
     }
 }

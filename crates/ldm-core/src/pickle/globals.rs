@@ -91,13 +91,17 @@ impl Global {
             ("torch._tensor", "_rebuild_from_type_v2") => Global::RebuildFromTypeV2,
             ("torch", "Tensor") | ("torch._tensor", "Tensor") => Global::TensorClass,
             ("torch", "Size") => Global::TorchSize,
-            ("numpy.core.multiarray", "scalar") | ("numpy._core.multiarray", "scalar") => Global::NumpyScalar,
+            ("numpy.core.multiarray", "scalar") | ("numpy._core.multiarray", "scalar") => {
+                Global::NumpyScalar
+            }
             ("numpy", "dtype") => Global::NumpyDtype,
             ("_codecs", "encode") => Global::CodecsEncode,
             ("builtins", "bytes") | ("__builtin__", "bytes") => Global::Bytes,
             ("builtins", "set") | ("__builtin__", "set") => Global::Set,
             ("pytorch_lightning.callbacks.model_checkpoint", "ModelCheckpoint")
-            | ("lightning.pytorch.callbacks.model_checkpoint", "ModelCheckpoint") => Global::ModelCheckpoint,
+            | ("lightning.pytorch.callbacks.model_checkpoint", "ModelCheckpoint") => {
+                Global::ModelCheckpoint
+            }
             ("torch", n) => {
                 if let Some((_, dt)) = STORAGE_CLASSES.iter().find(|(s, _)| *s == n) {
                     Global::StorageClass(*dt)
@@ -127,9 +131,14 @@ impl Global {
             Global::CodecsEncode => "_codecs.encode",
             Global::Bytes => "builtins.bytes",
             Global::Set => "builtins.set",
-            Global::ModelCheckpoint => "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint",
+            Global::ModelCheckpoint => {
+                "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"
+            }
             Global::StorageClass(dt) => {
-                let n = STORAGE_CLASSES.iter().find(|(_, d)| *d == dt).map_or("?Storage", |(s, _)| *s);
+                let n = STORAGE_CLASSES
+                    .iter()
+                    .find(|(_, d)| *d == dt)
+                    .map_or("?Storage", |(s, _)| *s);
                 return format!("torch.{n}");
             }
             Global::TorchDtype(dt) => return format!("torch.{}", dt.torch_name()),
@@ -147,39 +156,62 @@ pub fn call(g: Global, args: &[Value], arena: &mut Arena) -> Result<Value, Strin
         Global::RebuildParameter | Global::RebuildParameterWithState => {
             let want = if g == Global::RebuildParameter { 3 } else { 4 };
             if args.len() != want {
-                return Err(format!("{} takes {want} arguments, got {}", g.name(), args.len()));
+                return Err(format!(
+                    "{} takes {want} arguments, got {}",
+                    g.name(),
+                    args.len()
+                ));
             }
             expect_tensor(&args[0], arena, "parameter data")?;
             Ok(args[0].clone())
         }
         Global::RebuildFromTypeV2 => {
             let [func, new_type, inner, _state] = args else {
-                return Err(format!("{} takes 4 arguments, got {}", g.name(), args.len()));
+                return Err(format!(
+                    "{} takes 4 arguments, got {}",
+                    g.name(),
+                    args.len()
+                ));
             };
             if *new_type != Value::Global(Global::TensorClass) {
-                return Err(format!("{} with a tensor subclass is not supported (only torch.Tensor)", g.name()));
+                return Err(format!(
+                    "{} with a tensor subclass is not supported (only torch.Tensor)",
+                    g.name()
+                ));
             }
             let Value::Global(f) = func else {
-                return Err(format!("{}: the rebuild function is not a global", g.name()));
+                return Err(format!(
+                    "{}: the rebuild function is not a global",
+                    g.name()
+                ));
             };
             if *f == Global::RebuildFromTypeV2 {
                 return Err(format!("{} may not nest itself", g.name()));
             }
-            let inner = arena.seq(inner).ok_or("rebuild arguments are not a tuple")?.to_vec();
+            let inner = arena
+                .copy_seq(inner)
+                .map_err(|e| format!("rebuild arguments: {e}"))?;
             let out = call(*f, &inner, arena)?;
             expect_tensor(&out, arena, "rebuilt object")?;
             Ok(out)
         }
         Global::TorchSize => {
-            let [dims] = args else { return Err(format!("torch.Size takes 1 argument, got {}", args.len())) };
-            let dims = arena.seq(dims).ok_or("torch.Size argument is not a tuple")?.to_vec();
+            let [dims] = args else {
+                return Err(format!("torch.Size takes 1 argument, got {}", args.len()));
+            };
+            let dims = arena
+                .copy_seq(dims)
+                .map_err(|e| format!("torch.Size: {e}"))?;
             Ok(arena.alloc(Obj::Tuple(dims)))
         }
         Global::NumpyDtype => {
             let (Some(Value::Str(descr)), 1..=3) = (args.first(), args.len()) else {
                 return Err("numpy.dtype expects a type string such as 'i8'".into());
             };
-            Ok(arena.alloc(Obj::NpDtype(NpDtype { descr: descr.to_string(), byte_order: '=' })))
+            Ok(arena.alloc(Obj::NpDtype(NpDtype {
+                descr: descr.to_string(),
+                byte_order: '=',
+            })))
         }
         Global::NumpyScalar => numpy_scalar(args, arena),
         Global::CodecsEncode => codecs_encode(args),
@@ -198,11 +230,22 @@ pub fn call(g: Global, args: &[Value], arena: &mut Arena) -> Result<Value, Strin
 fn expect_tensor(v: &Value, arena: &Arena, what: &str) -> Result<(), String> {
     match arena.deref(v) {
         Some(Obj::Tensor(_)) => Ok(()),
-        _ => Err(format!("{what} is a {}, expected a tensor", v.type_name(arena))),
+        _ => Err(format!(
+            "{what} is a {}, expected a tensor",
+            v.type_name(arena)
+        )),
     }
 }
 
 fn build_container(g: Global, args: &[Value], arena: &mut Arena) -> Result<Value, String> {
+    if let [src] = args {
+        let n = match arena.deref(src) {
+            Some(Obj::List(v) | Obj::Tuple(v) | Obj::Set(v)) => v.len(),
+            Some(Obj::Dict(d)) => d.len(),
+            _ => 0,
+        };
+        arena.charge_copy(n)?;
+    }
     let items: Vec<Value> = match args {
         [] => Vec::new(),
         [src] => match arena.deref(src) {
@@ -211,9 +254,21 @@ fn build_container(g: Global, args: &[Value], arena: &mut Arena) -> Result<Value
                 let d = d.clone();
                 return Ok(arena.alloc(Obj::Dict(d)));
             }
-            _ => return Err(format!("{}: unsupported argument {}", g.name(), src.type_name(arena))),
+            _ => {
+                return Err(format!(
+                    "{}: unsupported argument {}",
+                    g.name(),
+                    src.type_name(arena)
+                ))
+            }
         },
-        _ => return Err(format!("{} takes at most 1 argument, got {}", g.name(), args.len())),
+        _ => {
+            return Err(format!(
+                "{} takes at most 1 argument, got {}",
+                g.name(),
+                args.len()
+            ))
+        }
     };
     if g == Global::Set {
         return Ok(arena.alloc(Obj::Set(items)));
@@ -237,37 +292,67 @@ fn non_negative(v: &Value, what: &str) -> Result<u64, String> {
 }
 
 fn int_tuple(v: &Value, arena: &Arena, what: &str) -> Result<Vec<u64>, String> {
-    let items = arena.seq(v).ok_or_else(|| format!("{what} is not a tuple"))?;
+    let items = arena
+        .seq(v)
+        .ok_or_else(|| format!("{what} is not a tuple"))?;
     items.iter().map(|x| non_negative(x, what)).collect()
 }
 
 /// `_rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad, backward_hooks[, metadata])`
 fn rebuild_tensor_v2(args: &[Value], arena: &mut Arena) -> Result<Value, String> {
     if !(6..=7).contains(&args.len()) {
-        return Err(format!("_rebuild_tensor_v2 takes 6 or 7 arguments, got {}", args.len()));
+        return Err(format!(
+            "_rebuild_tensor_v2 takes 6 or 7 arguments, got {}",
+            args.len()
+        ));
     }
     let storage = match arena.deref(&args[0]) {
         Some(Obj::Storage(s)) => s.clone(),
-        _ => return Err(format!("_rebuild_tensor_v2: first argument is a {}, not a storage", args[0].type_name(arena))),
+        _ => {
+            return Err(format!(
+                "_rebuild_tensor_v2: first argument is a {}, not a storage",
+                args[0].type_name(arena)
+            ))
+        }
     };
     let offset = non_negative(&args[1], "storage offset")?;
     let shape = int_tuple(&args[2], arena, "tensor size")?;
     let strides = int_tuple(&args[3], arena, "tensor stride")?;
     if shape.len() != strides.len() {
-        return Err(format!("size {shape:?} and stride {strides:?} differ in length"));
+        return Err(format!(
+            "size {shape:?} and stride {strides:?} differ in length"
+        ));
     }
-    let offset = offset.checked_add(storage.base_offset).ok_or("storage offset overflows")?;
-    Ok(arena.alloc(Obj::Tensor(TensorRef { storage, offset, shape, strides })))
+    let offset = offset
+        .checked_add(storage.base_offset)
+        .ok_or("storage offset overflows")?;
+    Ok(arena.alloc(Obj::Tensor(TensorRef {
+        storage,
+        offset,
+        shape,
+        strides,
+    })))
 }
 
 /// `numpy.core.multiarray.scalar(dtype, raw_bytes)` → an int, float or bool.
 fn numpy_scalar(args: &[Value], arena: &Arena) -> Result<Value, String> {
-    let [dtype, data] = args else { return Err(format!("numpy scalar takes 2 arguments, got {}", args.len())) };
+    let [dtype, data] = args else {
+        return Err(format!(
+            "numpy scalar takes 2 arguments, got {}",
+            args.len()
+        ));
+    };
     let Some(Obj::NpDtype(dt)) = arena.deref(dtype) else {
-        return Err(format!("numpy scalar: dtype argument is a {}", dtype.type_name(arena)));
+        return Err(format!(
+            "numpy scalar: dtype argument is a {}",
+            dtype.type_name(arena)
+        ));
     };
     let Value::Bytes(raw) = data else {
-        return Err(format!("numpy scalar: data argument is a {}", data.type_name(arena)));
+        return Err(format!(
+            "numpy scalar: data argument is a {}",
+            data.type_name(arena)
+        ));
     };
     let mut descr = dt.descr.as_str();
     let mut big = dt.byte_order == '>';
@@ -277,9 +362,15 @@ fn numpy_scalar(args: &[Value], arena: &Arena) -> Result<Value, String> {
     }
     let kind_len = descr.chars().next().map_or(0, char::len_utf8);
     let (kind, size) = descr.split_at(kind_len);
-    let size: usize = size.parse().map_err(|_| format!("unsupported numpy dtype '{}'", dt.descr))?;
+    let size: usize = size
+        .parse()
+        .map_err(|_| format!("unsupported numpy dtype '{}'", dt.descr))?;
     if raw.len() != size || !matches!(size, 1 | 2 | 4 | 8) {
-        return Err(format!("numpy scalar of dtype '{}' has {} bytes", dt.descr, raw.len()));
+        return Err(format!(
+            "numpy scalar of dtype '{}' has {} bytes",
+            dt.descr,
+            raw.len()
+        ));
     }
     let mut le = [0u8; 8];
     for (i, b) in raw.iter().enumerate() {
@@ -292,7 +383,9 @@ fn numpy_scalar(args: &[Value], arena: &Arena) -> Result<Value, String> {
     };
     match kind {
         "i" => Ok(Value::Int(sign_extend(bits))),
-        "u" => i64::try_from(bits).map(Value::Int).map_err(|_| "numpy uint64 scalar exceeds i64".to_string()),
+        "u" => i64::try_from(bits)
+            .map(Value::Int)
+            .map_err(|_| "numpy uint64 scalar exceeds i64".to_string()),
         "b" => Ok(Value::Bool(bits != 0)),
         "f" => match size {
             2 => Ok(Value::Float(half::f16::from_bits(bits as u16).to_f64())),
@@ -314,11 +407,15 @@ fn codecs_encode(args: &[Value]) -> Result<Value, String> {
     match encoding.to_ascii_lowercase().as_str() {
         "latin1" | "latin-1" | "iso-8859-1" | "iso8859-1" => text
             .chars()
-            .map(|c| u8::try_from(u32::from(c)).map_err(|_| format!("character {c:?} is not latin-1")))
+            .map(|c| {
+                u8::try_from(u32::from(c)).map_err(|_| format!("character {c:?} is not latin-1"))
+            })
             .collect::<Result<Vec<u8>, String>>()
             .map(|b| Value::Bytes(Rc::from(b))),
         "utf-8" | "utf8" => Ok(Value::Bytes(Rc::from(text.as_bytes()))),
-        other => Err(format!("_codecs.encode with encoding '{other}' is not supported")),
+        other => Err(format!(
+            "_codecs.encode with encoding '{other}' is not supported"
+        )),
     }
 }
 
@@ -332,7 +429,9 @@ pub fn build(obj: &Value, state: &Value, arena: &mut Arena) -> Result<(), String
         None => None,
     };
     let type_name = obj.type_name(arena);
-    let Value::Ref(id) = obj else { return Err(format!("BUILD on a {type_name}")) };
+    let Value::Ref(id) = obj else {
+        return Err(format!("BUILD on a {type_name}"));
+    };
     match arena.get_mut(*id) {
         Some(Obj::NpDtype(dt)) => {
             dt.byte_order = byte_order.ok_or("numpy.dtype state without a byte order")?;

@@ -216,13 +216,37 @@ impl Obj {
     }
 }
 
+/// Most values that constructors may copy out of existing containers during one load. Copies are linear in the
+/// pickle size for honest files; the cap stops a small malicious pickle from copying one big container over and
+/// over (quadratic memory).
+const MAX_COPIED_VALUES: usize = 1 << 26;
+
 /// Owner of all objects created while unpickling.
 #[derive(Debug, Default)]
 pub struct Arena {
     objs: Vec<Obj>,
+    copied: usize,
 }
 
 impl Arena {
+    /// Accounts for copying `n` values out of an existing container; fails past [`MAX_COPIED_VALUES`].
+    pub fn charge_copy(&mut self, n: usize) -> Result<(), String> {
+        self.copied = self.copied.saturating_add(n);
+        if self.copied > MAX_COPIED_VALUES {
+            return Err(format!(
+                "the pickle copies more than {MAX_COPIED_VALUES} values; refusing"
+            ));
+        }
+        Ok(())
+    }
+
+    /// A copy of the items of a tuple or list, charged to the copy budget.
+    pub fn copy_seq(&mut self, v: &Value) -> Result<Vec<Value>, String> {
+        let n = self.seq(v).ok_or("expected a tuple or list")?.len();
+        self.charge_copy(n)?;
+        Ok(self.seq(v).map(<[Value]>::to_vec).unwrap_or_default())
+    }
+
     pub fn alloc(&mut self, obj: Obj) -> Value {
         self.objs.push(obj);
         Value::Ref(self.objs.len() - 1)
