@@ -1,6 +1,6 @@
 //! ldm-core: the pieces every other crate of ldm-rs stands on — errors, weight files (safetensors and a
 //! restricted, never-executing pickle reader for `.ckpt`), the torch-compatible random number generator, and
 //! image/array I/O.
-pub mod rng;
 pub mod ckpt;
 pub mod pickle;
+pub mod rng;
