@@ -2,7 +2,7 @@
 //! `config.json` files must expect exactly the diffusers classes' `(key, shape)` lists and produce exactly the
 //! original LDM checkpoints' `(key, shape)` lists. Exact comparison, no weights needed.
 //!
-//! Manifests: `fixtures/manifests/{sd15,sd21}.json`, made by `tools/fixtures/make_key_manifests.py` (torch 2.15.0,
+//! Manifests: `fixtures/manifests/{sd15,sd21,deep-unet}.json`, made by `tools/fixtures/make_key_manifests.py` (torch 2.15.0,
 //! diffusers 0.42.1, transformers 5.25.0, Stability-AI/stablediffusion cf1d67a6 on torch's meta device).
 //! The config literals below reproduce the published `unet/`, `vae/`, `text_encoder/config.json` of
 //! runwayml/stable-diffusion-v1-5 and stabilityai/stable-diffusion-2-1 (written from those files' known
@@ -12,8 +12,9 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use ldm_models::import::{
-    clip_key_map, open_clip_key_map, unet_key_map, vae_key_map, DiffusersClipConfig, DiffusersUnetConfig,
-    DiffusersVaeConfig, Heads, KeyMap, CLIP_PREFIX, OPEN_CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX,
+    clip_key_map, open_clip_key_map, unet_key_map, vae_key_map, DiffusersClipConfig,
+    DiffusersUnetConfig, DiffusersVaeConfig, Heads, KeyMap, CLIP_PREFIX, OPEN_CLIP_PREFIX,
+    UNET_PREFIX, VAE_PREFIX,
 };
 use serde_json::Value;
 
@@ -67,7 +68,9 @@ const SD21_TEXT: &str = r#"{
 }"#;
 
 fn manifest(name: &str) -> Value {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/manifests").join(name);
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures/manifests")
+        .join(name);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_json::from_str(&text).expect("manifest json")
 }
@@ -78,7 +81,12 @@ fn key_shapes(v: &Value) -> BTreeMap<String, Vec<usize>> {
         .iter()
         .map(|kv| {
             let key = kv[0].as_str().expect("key").to_string();
-            let shape = kv[1].as_array().expect("shape").iter().map(|d| d.as_u64().expect("dim") as usize).collect();
+            let shape = kv[1]
+                .as_array()
+                .expect("shape")
+                .iter()
+                .map(|d| d.as_u64().expect("dim") as usize)
+                .collect();
             (key, shape)
         })
         .collect()
@@ -100,10 +108,17 @@ fn check(map: &KeyMap, component: &Value, expect_omitted: usize) {
 
     let canonical: BTreeMap<_, _> = map.canonical_manifest().into_iter().collect();
     let mut original = key_shapes(&component["original"]);
-    let omitted: Vec<String> = original.keys().filter(|k| !canonical.contains_key(*k)).cloned().collect();
+    let omitted: Vec<String> = original
+        .keys()
+        .filter(|k| !canonical.contains_key(*k))
+        .cloned()
+        .collect();
     assert_eq!(omitted.len(), expect_omitted, "omitted: {omitted:?}");
     for k in &omitted {
-        assert!(map.ignores_canonical(k), "`{k}` is neither mapped nor ignored");
+        assert!(
+            map.ignores_canonical(k),
+            "`{k}` is neither mapped nor ignored"
+        );
         original.remove(k);
     }
     assert_eq!(canonical, original);
@@ -120,7 +135,9 @@ fn sd15_unet_map_matches_real_key_manifest() {
     assert_eq!(arch.channel_mult, vec![1, 2, 4, 4]);
     assert!(!arch.linear_projection);
     assert!(arch.ignored.is_empty(), "{:?}", arch.ignored);
-    let map = unet_key_map(&cfg).expect("map").with_canonical_prefix(UNET_PREFIX);
+    let map = unet_key_map(&cfg)
+        .expect("map")
+        .with_canonical_prefix(UNET_PREFIX);
     assert_eq!(map.len(), 686);
     check(&map, &m["unet"], 0);
 }
@@ -131,11 +148,17 @@ fn sd21_unet_map_matches_real_key_manifest() {
     same_config(SD21_UNET, &m["unet"]["config"]);
     let cfg = DiffusersUnetConfig::from_json(SD21_UNET).expect("config");
     let arch = cfg.arch().expect("arch");
-    assert_eq!(arch.heads, Heads::Dim(64), "[5, 10, 20, 20] heads over [320, 640, 1280, 1280] channels");
+    assert_eq!(
+        arch.heads,
+        Heads::Dim(64),
+        "[5, 10, 20, 20] heads over [320, 640, 1280, 1280] channels"
+    );
     assert!(arch.linear_projection && arch.upcast_attention);
     assert_eq!(arch.context_dim, 1024);
     assert!(arch.ignored.is_empty(), "{:?}", arch.ignored);
-    let map = unet_key_map(&cfg).expect("map").with_canonical_prefix(UNET_PREFIX);
+    let map = unet_key_map(&cfg)
+        .expect("map")
+        .with_canonical_prefix(UNET_PREFIX);
     check(&map, &m["unet"], 0);
 }
 
@@ -146,9 +169,14 @@ fn sd_vae_map_matches_real_key_manifest() {
         same_config(VAE, &m["vae"]["config"]);
         let cfg = DiffusersVaeConfig::from_json(VAE).expect("config");
         let arch = cfg.arch().expect("arch");
-        assert_eq!((arch.ch, arch.ch_mult.clone(), arch.num_res_blocks), (128, vec![1, 2, 4, 4], 2));
+        assert_eq!(
+            (arch.ch, arch.ch_mult.clone(), arch.num_res_blocks),
+            (128, vec![1, 2, 4, 4], 2)
+        );
         assert_eq!(arch.scaling_factor, 0.18215);
-        let map = vae_key_map(&cfg).expect("map").with_canonical_prefix(VAE_PREFIX);
+        let map = vae_key_map(&cfg)
+            .expect("map")
+            .with_canonical_prefix(VAE_PREFIX);
         assert_eq!(map.len(), 248);
         check(&map, &m["vae"], 0);
     }
@@ -160,7 +188,9 @@ fn sd15_clip_map_matches_real_key_manifest() {
     same_config(SD15_TEXT, &m["text"]["config"]);
     let cfg = DiffusersClipConfig::from_json(SD15_TEXT).expect("config");
     assert!(cfg.arch().expect("arch").ignored.is_empty());
-    let map = clip_key_map(&cfg).expect("map").with_canonical_prefix(CLIP_PREFIX);
+    let map = clip_key_map(&cfg)
+        .expect("map")
+        .with_canonical_prefix(CLIP_PREFIX);
     check(&map, &m["text"], 0);
 }
 
@@ -169,7 +199,28 @@ fn sd21_open_clip_map_matches_real_key_manifest_except_unused_tail() {
     let m = manifest("sd21.json");
     same_config(SD21_TEXT, &m["text"]["config"]);
     let cfg = DiffusersClipConfig::from_json(SD21_TEXT).expect("config");
-    let map = open_clip_key_map(&cfg).expect("map").with_canonical_prefix(OPEN_CLIP_PREFIX);
+    let map = open_clip_key_map(&cfg)
+        .expect("map")
+        .with_canonical_prefix(OPEN_CLIP_PREFIX);
     // resblocks.23 (12 tensors), text_projection and logit_scale are not in a diffusers SD2 text encoder.
     check(&map, &m["text"], 14);
+}
+
+#[test]
+fn deep_unet_map_matches_original_code_with_per_level_res_blocks() {
+    // Per-level res blocks [2, 1, 3, 2], depth-2 transformers at levels 0, 2, 3, head width 16, class labels.
+    let m = manifest("deep-unet.json");
+    let cfg_json = m["unet"]["config"].to_string();
+    let cfg = DiffusersUnetConfig::from_json(&cfg_json).expect("config");
+    let arch = cfg.arch().expect("arch");
+    assert_eq!(arch.heads, Heads::Dim(16));
+    assert_eq!(
+        (arch.res_blocks.clone(), arch.attention_levels.clone()),
+        (vec![2, 1, 3, 2], vec![0, 2, 3])
+    );
+    assert_eq!(arch.num_classes, Some(3));
+    let map = unet_key_map(&cfg)
+        .expect("map")
+        .with_canonical_prefix(UNET_PREFIX);
+    check(&map, &m["unet"], 0);
 }

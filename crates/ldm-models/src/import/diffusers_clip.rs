@@ -108,8 +108,19 @@ pub struct ClipArch {
 
 /// Entries of a text config that do not affect the text encoder's weights or hidden states.
 const HARMLESS: &[&str] = &[
-    "architectures", "model_type", "torch_dtype", "dtype", "transformers_version", "bos_token_id", "eos_token_id",
-    "pad_token_id", "initializer_range", "initializer_factor", "attention_dropout", "dropout", "projection_dim",
+    "architectures",
+    "model_type",
+    "torch_dtype",
+    "dtype",
+    "transformers_version",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "initializer_range",
+    "initializer_factor",
+    "attention_dropout",
+    "dropout",
+    "projection_dim",
 ];
 
 impl DiffusersClipConfig {
@@ -138,10 +149,13 @@ impl DiffusersClipConfig {
                 })
             }
         };
-        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+        if self.hidden_size.checked_rem(self.num_attention_heads) != Some(0) {
             return Err(ImportError::Inconsistent {
                 what: WHAT,
-                detail: format!("hidden_size {} is not divisible into {} heads", self.hidden_size, self.num_attention_heads),
+                detail: format!(
+                    "hidden_size {} is not divisible into {} heads",
+                    self.hidden_size, self.num_attention_heads
+                ),
             });
         }
         Ok(ClipArch {
@@ -166,8 +180,16 @@ pub fn clip_key_map(cfg: &DiffusersClipConfig) -> Result<KeyMap> {
 pub fn clip_key_map_for(a: &ClipArch) -> Result<KeyMap> {
     let mut m = KeyMap::new();
     let (h, i) = (a.hidden_size, a.intermediate_size);
-    m.rename("text_model.embeddings.token_embedding.weight", "text_model.embeddings.token_embedding.weight", &[a.vocab_size, h])?;
-    m.rename("text_model.embeddings.position_embedding.weight", "text_model.embeddings.position_embedding.weight", &[a.max_positions, h])?;
+    m.rename(
+        "text_model.embeddings.token_embedding.weight",
+        "text_model.embeddings.token_embedding.weight",
+        &[a.vocab_size, h],
+    )?;
+    m.rename(
+        "text_model.embeddings.position_embedding.weight",
+        "text_model.embeddings.position_embedding.weight",
+        &[a.max_positions, h],
+    )?;
     for l in 0..a.layers {
         let p = format!("text_model.encoder.layers.{l}");
         for proj in ["q_proj", "k_proj", "v_proj", "out_proj"] {
@@ -183,7 +205,11 @@ pub fn clip_key_map_for(a: &ClipArch) -> Result<KeyMap> {
             m.norm(&k, &k, h)?;
         }
     }
-    m.norm("text_model.final_layer_norm", "text_model.final_layer_norm", h)?;
+    m.norm(
+        "text_model.final_layer_norm",
+        "text_model.final_layer_norm",
+        h,
+    )?;
     accept_unprefixed(&mut m)?;
     m.ignore_canonical(POSITION_IDS);
     Ok(m)
@@ -197,12 +223,26 @@ pub fn open_clip_key_map(cfg: &DiffusersClipConfig) -> Result<KeyMap> {
 pub fn open_clip_key_map_for(a: &ClipArch) -> Result<KeyMap> {
     let mut m = KeyMap::new();
     let (h, i) = (a.hidden_size, a.intermediate_size);
-    m.rename("text_model.embeddings.token_embedding.weight", "token_embedding.weight", &[a.vocab_size, h])?;
-    m.rename("text_model.embeddings.position_embedding.weight", "positional_embedding", &[a.max_positions, h])?;
+    m.rename(
+        "text_model.embeddings.token_embedding.weight",
+        "token_embedding.weight",
+        &[a.vocab_size, h],
+    )?;
+    m.rename(
+        "text_model.embeddings.position_embedding.weight",
+        "positional_embedding",
+        &[a.max_positions, h],
+    )?;
     for l in 0..a.layers {
-        let (d, c) = (format!("text_model.encoder.layers.{l}"), format!("transformer.resblocks.{l}"));
+        let (d, c) = (
+            format!("text_model.encoder.layers.{l}"),
+            format!("transformer.resblocks.{l}"),
+        );
         for (index, proj) in ["q_proj", "k_proj", "v_proj"].into_iter().enumerate() {
-            for (p, dshape, cshape) in [("weight", vec![h, h], vec![3 * h, h]), ("bias", vec![h], vec![3 * h])] {
+            for (p, dshape, cshape) in [
+                ("weight", vec![h, h], vec![3 * h, h]),
+                ("bias", vec![h], vec![3 * h]),
+            ] {
                 m.push(Entry {
                     diffusers: format!("{d}.self_attn.{proj}.{p}"),
                     diffusers_shape: dshape,
@@ -212,10 +252,28 @@ pub fn open_clip_key_map_for(a: &ClipArch) -> Result<KeyMap> {
                 })?;
             }
         }
-        m.linear(&format!("{d}.self_attn.out_proj"), &format!("{c}.attn.out_proj"), h, h, true)?;
+        m.linear(
+            &format!("{d}.self_attn.out_proj"),
+            &format!("{c}.attn.out_proj"),
+            h,
+            h,
+            true,
+        )?;
         m.norm(&format!("{d}.layer_norm1"), &format!("{c}.ln_1"), h)?;
-        m.linear(&format!("{d}.mlp.fc1"), &format!("{c}.mlp.c_fc"), i, h, true)?;
-        m.linear(&format!("{d}.mlp.fc2"), &format!("{c}.mlp.c_proj"), h, i, true)?;
+        m.linear(
+            &format!("{d}.mlp.fc1"),
+            &format!("{c}.mlp.c_fc"),
+            i,
+            h,
+            true,
+        )?;
+        m.linear(
+            &format!("{d}.mlp.fc2"),
+            &format!("{c}.mlp.c_proj"),
+            h,
+            i,
+            true,
+        )?;
         m.norm(&format!("{d}.layer_norm2"), &format!("{c}.ln_2"), h)?;
     }
     m.norm("text_model.final_layer_norm", "ln_final", h)?;
@@ -223,8 +281,17 @@ pub fn open_clip_key_map_for(a: &ClipArch) -> Result<KeyMap> {
     // The layer after the ones SD2 uses, and the contrastive head: present in original files, never used.
     let unused = format!("transformer.resblocks.{}", a.layers);
     for k in [
-        "attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight", "attn.out_proj.bias", "ln_1.weight",
-        "ln_1.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight",
+        "attn.in_proj_weight",
+        "attn.in_proj_bias",
+        "attn.out_proj.weight",
+        "attn.out_proj.bias",
+        "ln_1.weight",
+        "ln_1.bias",
+        "ln_2.weight",
+        "ln_2.bias",
+        "mlp.c_fc.weight",
+        "mlp.c_fc.bias",
+        "mlp.c_proj.weight",
         "mlp.c_proj.bias",
     ] {
         m.ignore_canonical(&format!("{unused}.{k}"));

@@ -157,6 +157,7 @@ impl UnetArch {
     }
 }
 
+#[rustfmt::skip]
 const FIXED: &[Fixed] = &[
     Fixed { field: "act_fn", accepted: &[Accepted::Str("silu")], reason: "the original ResBlock uses SiLU" },
     Fixed { field: "norm_eps", accepted: &[Accepted::Num(1e-5)], reason: "GroupNorm32 uses eps 1e-5" },
@@ -208,12 +209,20 @@ impl DiffusersUnetConfig {
         harmless.extend_from_slice(HARMLESS);
         let ignored = check_rest(WHAT, &self.rest, FIXED, &harmless)?;
         let inconsistent = |detail: String| ImportError::Inconsistent { what: WHAT, detail };
-        let unsupported = |field, value: String, reason| ImportError::Unsupported { what: WHAT, field, value, reason };
+        let unsupported = |field, value: String, reason| ImportError::Unsupported {
+            what: WHAT,
+            field,
+            value,
+            reason,
+        };
 
         let n = self.block_out_channels.len();
         let mc = self.block_out_channels.first().copied().unwrap_or(0);
         if mc == 0 {
-            return Err(inconsistent(format!("block_out_channels = {:?}", self.block_out_channels)));
+            return Err(inconsistent(format!(
+                "block_out_channels = {:?}",
+                self.block_out_channels
+            )));
         }
         if self.block_out_channels.iter().any(|c| c % mc != 0) {
             return Err(inconsistent(format!(
@@ -234,13 +243,25 @@ impl DiffusersUnetConfig {
             let attn = match down.as_str() {
                 "CrossAttnDownBlock2D" => true,
                 "DownBlock2D" => false,
-                _ => return Err(unsupported("down_block_types", down.clone(), "only CrossAttnDownBlock2D and DownBlock2D exist in LDM")),
+                _ => {
+                    return Err(unsupported(
+                        "down_block_types",
+                        down.clone(),
+                        "only CrossAttnDownBlock2D and DownBlock2D exist in LDM",
+                    ))
+                }
             };
             let up = &self.up_block_types[n - 1 - i];
             let up_attn = match up.as_str() {
                 "CrossAttnUpBlock2D" => true,
                 "UpBlock2D" => false,
-                _ => return Err(unsupported("up_block_types", up.clone(), "only CrossAttnUpBlock2D and UpBlock2D exist in LDM")),
+                _ => {
+                    return Err(unsupported(
+                        "up_block_types",
+                        up.clone(),
+                        "only CrossAttnUpBlock2D and UpBlock2D exist in LDM",
+                    ))
+                }
             };
             if attn != up_attn {
                 return Err(inconsistent(format!(
@@ -254,31 +275,67 @@ impl DiffusersUnetConfig {
         }
         match self.mid_block_type.as_deref() {
             Some("UNetMidBlock2DCrossAttn") => {}
-            other => return Err(unsupported("mid_block_type", format!("{other:?}"), "LDM's middle block is resnet, transformer, resnet")),
+            other => {
+                return Err(unsupported(
+                    "mid_block_type",
+                    format!("{other:?}"),
+                    "LDM's middle block is resnet, transformer, resnet",
+                ))
+            }
         }
         if let Some(h) = &self.num_attention_heads {
-            return Err(unsupported("num_attention_heads", format!("{h:?}"), "diffusers itself rejects it; heads come from attention_head_dim"));
+            return Err(unsupported(
+                "num_attention_heads",
+                format!("{h:?}"),
+                "diffusers itself rejects it; heads come from attention_head_dim",
+            ));
         }
-        let only_cross = self.only_cross_attention.per_level(n, WHAT, "only_cross_attention")?;
+        let only_cross = self
+            .only_cross_attention
+            .per_level(n, WHAT, "only_cross_attention")?;
         if only_cross.iter().any(|&b| b) {
-            return Err(unsupported("only_cross_attention", format!("{only_cross:?}"), "transformers without self-attention are not supported"));
+            return Err(unsupported(
+                "only_cross_attention",
+                format!("{only_cross:?}"),
+                "transformers without self-attention are not supported",
+            ));
         }
-        let context = self.cross_attention_dim.per_level(n, WHAT, "cross_attention_dim")?;
+        let context = self
+            .cross_attention_dim
+            .per_level(n, WHAT, "cross_attention_dim")?;
         let context_dim = context[0];
         if context.iter().any(|&c| c != context_dim) {
-            return Err(unsupported("cross_attention_dim", format!("{context:?}"), "one context width for all levels"));
+            return Err(unsupported(
+                "cross_attention_dim",
+                format!("{context:?}"),
+                "one context width for all levels",
+            ));
         }
         let norm_groups = match self.norm_num_groups {
             Some(g) if g > 0 => g,
-            other => return Err(unsupported("norm_num_groups", format!("{other:?}"), "LDM always normalises with GroupNorm")),
+            other => {
+                return Err(unsupported(
+                    "norm_num_groups",
+                    format!("{other:?}"),
+                    "LDM always normalises with GroupNorm",
+                ))
+            }
         };
         if let Some(d) = self.time_embedding_dim {
             if d != 4 * mc {
-                return Err(unsupported("time_embedding_dim", d.to_string(), "LDM's time embedding is 4 * model_channels wide"));
+                return Err(unsupported(
+                    "time_embedding_dim",
+                    d.to_string(),
+                    "LDM's time embedding is 4 * model_channels wide",
+                ));
             }
         }
-        let res_blocks = self.layers_per_block.per_level(n, WHAT, "layers_per_block")?;
-        let transformer_depth = self.transformer_layers_per_block.per_level(n, WHAT, "transformer_layers_per_block")?;
+        let res_blocks = self
+            .layers_per_block
+            .per_level(n, WHAT, "layers_per_block")?;
+        let transformer_depth =
+            self.transformer_layers_per_block
+                .per_level(n, WHAT, "transformer_layers_per_block")?;
         let heads = self.heads(&attention_levels)?;
         Ok(UnetArch {
             in_channels: self.in_channels,
@@ -303,7 +360,9 @@ impl DiffusersUnetConfig {
     /// constant width (SD2), else `Count` when it is constant.
     fn heads(&self, attention_levels: &[usize]) -> Result<Heads> {
         let n = self.block_out_channels.len();
-        let counts = self.attention_head_dim.per_level(n, WHAT, "attention_head_dim")?;
+        let counts = self
+            .attention_head_dim
+            .per_level(n, WHAT, "attention_head_dim")?;
         let mut used: Vec<usize> = attention_levels.to_vec();
         used.push(n - 1);
         let mut widths = Vec::new();
@@ -348,7 +407,11 @@ pub fn unet_key_map_for(a: &UnetArch) -> Result<KeyMap> {
     m.linear("time_embedding.linear_1", "time_embed.0", temb, mc, true)?;
     m.linear("time_embedding.linear_2", "time_embed.2", temb, temb, true)?;
     if let Some(classes) = a.num_classes {
-        m.rename("class_embedding.weight", "label_emb.weight", &[classes, temb])?;
+        m.rename(
+            "class_embedding.weight",
+            "label_emb.weight",
+            &[classes, temb],
+        )?;
     }
 
     // Down path; `skips` are the widths of the input blocks' outputs that the up path concatenates.
@@ -358,25 +421,66 @@ pub fn unet_key_map_for(a: &UnetArch) -> Result<KeyMap> {
     for level in 0..n {
         let out = a.channels(level);
         for j in 0..a.res_blocks[level] {
-            resnet(&mut m, &format!("down_blocks.{level}.resnets.{j}"), &format!("input_blocks.{block}.0"), ch, out, temb)?;
+            resnet(
+                &mut m,
+                &format!("down_blocks.{level}.resnets.{j}"),
+                &format!("input_blocks.{block}.0"),
+                ch,
+                out,
+                temb,
+            )?;
             ch = out;
             if a.has_attention(level) {
                 let d = format!("down_blocks.{level}.attentions.{j}");
-                transformer(&mut m, a, &d, &format!("input_blocks.{block}.1"), ch, a.transformer_depth[level])?;
+                transformer(
+                    &mut m,
+                    a,
+                    &d,
+                    &format!("input_blocks.{block}.1"),
+                    ch,
+                    a.transformer_depth[level],
+                )?;
             }
             skips.push(ch);
             block += 1;
         }
         if level + 1 != n {
-            m.conv(&format!("down_blocks.{level}.downsamplers.0.conv"), &format!("input_blocks.{block}.0.op"), ch, ch, 3)?;
+            m.conv(
+                &format!("down_blocks.{level}.downsamplers.0.conv"),
+                &format!("input_blocks.{block}.0.op"),
+                ch,
+                ch,
+                3,
+            )?;
             skips.push(ch);
             block += 1;
         }
     }
 
-    resnet(&mut m, "mid_block.resnets.0", "middle_block.0", ch, ch, temb)?;
-    transformer(&mut m, a, "mid_block.attentions.0", "middle_block.1", ch, a.transformer_depth[n - 1])?;
-    resnet(&mut m, "mid_block.resnets.1", "middle_block.2", ch, ch, temb)?;
+    resnet(
+        &mut m,
+        "mid_block.resnets.0",
+        "middle_block.0",
+        ch,
+        ch,
+        temb,
+    )?;
+    transformer(
+        &mut m,
+        a,
+        "mid_block.attentions.0",
+        "middle_block.1",
+        ch,
+        a.transformer_depth[n - 1],
+    )?;
+    resnet(
+        &mut m,
+        "mid_block.resnets.1",
+        "middle_block.2",
+        ch,
+        ch,
+        temb,
+    )?;
 
     let mut block = 0;
     for (u, level) in (0..n).rev().enumerate() {
@@ -388,15 +492,35 @@ pub fn unet_key_map_for(a: &UnetArch) -> Result<KeyMap> {
                 detail: "more up-path res blocks than skip connections".to_string(),
             })?;
             let c = format!("output_blocks.{block}");
-            resnet(&mut m, &format!("up_blocks.{u}.resnets.{j}"), &format!("{c}.0"), ch + skip, out, temb)?;
+            resnet(
+                &mut m,
+                &format!("up_blocks.{u}.resnets.{j}"),
+                &format!("{c}.0"),
+                ch + skip,
+                out,
+                temb,
+            )?;
             ch = out;
             let mut slot = 1;
             if a.has_attention(level) {
-                transformer(&mut m, a, &format!("up_blocks.{u}.attentions.{j}"), &format!("{c}.1"), ch, a.transformer_depth[level])?;
+                transformer(
+                    &mut m,
+                    a,
+                    &format!("up_blocks.{u}.attentions.{j}"),
+                    &format!("{c}.1"),
+                    ch,
+                    a.transformer_depth[level],
+                )?;
                 slot = 2;
             }
             if level != 0 && j == last {
-                m.conv(&format!("up_blocks.{u}.upsamplers.0.conv"), &format!("{c}.{slot}.conv"), ch, ch, 3)?;
+                m.conv(
+                    &format!("up_blocks.{u}.upsamplers.0.conv"),
+                    &format!("{c}.{slot}.conv"),
+                    ch,
+                    ch,
+                    3,
+                )?;
             }
             block += 1;
         }
@@ -410,18 +534,49 @@ pub fn unet_key_map_for(a: &UnetArch) -> Result<KeyMap> {
 /// `out_layers = [norm, SiLU, dropout, conv]`; the weightless indices are skipped).
 fn resnet(m: &mut KeyMap, d: &str, c: &str, inp: usize, out: usize, temb: usize) -> Result<()> {
     m.norm(&format!("{d}.norm1"), &format!("{c}.in_layers.0"), inp)?;
-    m.conv(&format!("{d}.conv1"), &format!("{c}.in_layers.2"), out, inp, 3)?;
-    m.linear(&format!("{d}.time_emb_proj"), &format!("{c}.emb_layers.1"), out, temb, true)?;
+    m.conv(
+        &format!("{d}.conv1"),
+        &format!("{c}.in_layers.2"),
+        out,
+        inp,
+        3,
+    )?;
+    m.linear(
+        &format!("{d}.time_emb_proj"),
+        &format!("{c}.emb_layers.1"),
+        out,
+        temb,
+        true,
+    )?;
     m.norm(&format!("{d}.norm2"), &format!("{c}.out_layers.0"), out)?;
-    m.conv(&format!("{d}.conv2"), &format!("{c}.out_layers.3"), out, out, 3)?;
+    m.conv(
+        &format!("{d}.conv2"),
+        &format!("{c}.out_layers.3"),
+        out,
+        out,
+        3,
+    )?;
     if inp != out {
-        m.conv(&format!("{d}.conv_shortcut"), &format!("{c}.skip_connection"), out, inp, 1)?;
+        m.conv(
+            &format!("{d}.conv_shortcut"),
+            &format!("{c}.skip_connection"),
+            out,
+            inp,
+            1,
+        )?;
     }
     Ok(())
 }
 
 /// diffusers `Transformer2DModel` -> LDM `SpatialTransformer`: the names below the block are the same.
-fn transformer(m: &mut KeyMap, a: &UnetArch, d: &str, c: &str, ch: usize, depth: usize) -> Result<()> {
+fn transformer(
+    m: &mut KeyMap,
+    a: &UnetArch,
+    d: &str,
+    c: &str,
+    ch: usize,
+    depth: usize,
+) -> Result<()> {
     let ctx = a.context_dim;
     let proj = |m: &mut KeyMap, p: &str| {
         if a.linear_projection {
@@ -433,19 +588,58 @@ fn transformer(m: &mut KeyMap, a: &UnetArch, d: &str, c: &str, ch: usize, depth:
     m.norm(&format!("{d}.norm"), &format!("{c}.norm"), ch)?;
     proj(m, "proj_in")?;
     for k in 0..depth {
-        let (d, c) = (format!("{d}.transformer_blocks.{k}"), format!("{c}.transformer_blocks.{k}"));
+        let (d, c) = (
+            format!("{d}.transformer_blocks.{k}"),
+            format!("{c}.transformer_blocks.{k}"),
+        );
         for (attn, kv) in [("attn1", ch), ("attn2", ctx)] {
-            m.linear(&format!("{d}.{attn}.to_q"), &format!("{c}.{attn}.to_q"), ch, ch, false)?;
-            m.linear(&format!("{d}.{attn}.to_k"), &format!("{c}.{attn}.to_k"), ch, kv, false)?;
-            m.linear(&format!("{d}.{attn}.to_v"), &format!("{c}.{attn}.to_v"), ch, kv, false)?;
-            m.linear(&format!("{d}.{attn}.to_out.0"), &format!("{c}.{attn}.to_out.0"), ch, ch, true)?;
+            m.linear(
+                &format!("{d}.{attn}.to_q"),
+                &format!("{c}.{attn}.to_q"),
+                ch,
+                ch,
+                false,
+            )?;
+            m.linear(
+                &format!("{d}.{attn}.to_k"),
+                &format!("{c}.{attn}.to_k"),
+                ch,
+                kv,
+                false,
+            )?;
+            m.linear(
+                &format!("{d}.{attn}.to_v"),
+                &format!("{c}.{attn}.to_v"),
+                ch,
+                kv,
+                false,
+            )?;
+            m.linear(
+                &format!("{d}.{attn}.to_out.0"),
+                &format!("{c}.{attn}.to_out.0"),
+                ch,
+                ch,
+                true,
+            )?;
         }
         for norm in ["norm1", "norm2", "norm3"] {
             m.norm(&format!("{d}.{norm}"), &format!("{c}.{norm}"), ch)?;
         }
         // GEGLU: one projection to 2 * 4C (value and gate), then 4C -> C.
-        m.linear(&format!("{d}.ff.net.0.proj"), &format!("{c}.ff.net.0.proj"), 8 * ch, ch, true)?;
-        m.linear(&format!("{d}.ff.net.2"), &format!("{c}.ff.net.2"), ch, 4 * ch, true)?;
+        m.linear(
+            &format!("{d}.ff.net.0.proj"),
+            &format!("{c}.ff.net.0.proj"),
+            8 * ch,
+            ch,
+            true,
+        )?;
+        m.linear(
+            &format!("{d}.ff.net.2"),
+            &format!("{c}.ff.net.2"),
+            ch,
+            4 * ch,
+            true,
+        )?;
     }
     proj(m, "proj_out")
 }

@@ -92,6 +92,7 @@ impl VaeArch {
     }
 }
 
+#[rustfmt::skip]
 const FIXED: &[Fixed] = &[
     Fixed { field: "act_fn", accepted: &[Accepted::Str("silu")], reason: "the original uses SiLU" },
     Fixed { field: "use_quant_conv", accepted: &[Accepted::Bool(true)], reason: "the original always has quant_conv" },
@@ -136,16 +137,26 @@ impl DiffusersVaeConfig {
                 self.up_block_types.len()
             )));
         }
-        let unsupported = |field, value: &String| ImportError::Unsupported {
+        let unsupported = |field, value: &String| {
+            ImportError::Unsupported {
             what: WHAT,
             field,
             value: value.clone(),
             reason: "only DownEncoderBlock2D / UpDecoderBlock2D (no attention in the levels) exist in the KL autoencoder",
+        }
         };
-        if let Some(t) = self.down_block_types.iter().find(|t| *t != "DownEncoderBlock2D") {
+        if let Some(t) = self
+            .down_block_types
+            .iter()
+            .find(|t| *t != "DownEncoderBlock2D")
+        {
             return Err(unsupported("down_block_types", t));
         }
-        if let Some(t) = self.up_block_types.iter().find(|t| *t != "UpDecoderBlock2D") {
+        if let Some(t) = self
+            .up_block_types
+            .iter()
+            .find(|t| *t != "UpDecoderBlock2D")
+        {
             return Err(unsupported("up_block_types", t));
         }
         Ok(VaeArch {
@@ -180,11 +191,23 @@ pub fn vae_key_map_for(a: &VaeArch) -> Result<KeyMap> {
     for level in 0..n {
         let out = a.channels(level);
         for j in 0..a.num_res_blocks {
-            resnet(&mut m, &format!("encoder.down_blocks.{level}.resnets.{j}"), &format!("encoder.down.{level}.block.{j}"), ch, out)?;
+            resnet(
+                &mut m,
+                &format!("encoder.down_blocks.{level}.resnets.{j}"),
+                &format!("encoder.down.{level}.block.{j}"),
+                ch,
+                out,
+            )?;
             ch = out;
         }
         if level + 1 != n {
-            m.conv(&format!("encoder.down_blocks.{level}.downsamplers.0.conv"), &format!("encoder.down.{level}.downsample.conv"), ch, ch, 3)?;
+            m.conv(
+                &format!("encoder.down_blocks.{level}.downsamplers.0.conv"),
+                &format!("encoder.down.{level}.downsample.conv"),
+                ch,
+                ch,
+                3,
+            )?;
         }
     }
     mid(&mut m, "encoder", top)?;
@@ -199,15 +222,33 @@ pub fn vae_key_map_for(a: &VaeArch) -> Result<KeyMap> {
     for (u, level) in (0..n).rev().enumerate() {
         let out = a.channels(level);
         for j in 0..=a.num_res_blocks {
-            resnet(&mut m, &format!("decoder.up_blocks.{u}.resnets.{j}"), &format!("decoder.up.{level}.block.{j}"), ch, out)?;
+            resnet(
+                &mut m,
+                &format!("decoder.up_blocks.{u}.resnets.{j}"),
+                &format!("decoder.up.{level}.block.{j}"),
+                ch,
+                out,
+            )?;
             ch = out;
         }
         if level != 0 {
-            m.conv(&format!("decoder.up_blocks.{u}.upsamplers.0.conv"), &format!("decoder.up.{level}.upsample.conv"), ch, ch, 3)?;
+            m.conv(
+                &format!("decoder.up_blocks.{u}.upsamplers.0.conv"),
+                &format!("decoder.up.{level}.upsample.conv"),
+                ch,
+                ch,
+                3,
+            )?;
         }
     }
     m.norm("decoder.conv_norm_out", "decoder.norm_out", a.ch)?;
-    m.conv("decoder.conv_out", "decoder.conv_out", a.out_channels, a.ch, 3)?;
+    m.conv(
+        "decoder.conv_out",
+        "decoder.conv_out",
+        a.out_channels,
+        a.ch,
+        3,
+    )?;
     Ok(m)
 }
 
@@ -218,21 +259,47 @@ fn resnet(m: &mut KeyMap, d: &str, c: &str, inp: usize, out: usize) -> Result<()
     m.norm(&format!("{d}.norm2"), &format!("{c}.norm2"), out)?;
     m.conv(&format!("{d}.conv2"), &format!("{c}.conv2"), out, out, 3)?;
     if inp != out {
-        m.conv(&format!("{d}.conv_shortcut"), &format!("{c}.nin_shortcut"), out, inp, 1)?;
+        m.conv(
+            &format!("{d}.conv_shortcut"),
+            &format!("{c}.nin_shortcut"),
+            out,
+            inp,
+            1,
+        )?;
     }
     Ok(())
 }
 
 /// Mid block: resnet, single-head self-attention over pixels (`AttnBlock`), resnet.
 fn mid(m: &mut KeyMap, side: &str, ch: usize) -> Result<()> {
-    resnet(m, &format!("{side}.mid_block.resnets.0"), &format!("{side}.mid.block_1"), ch, ch)?;
-    let (d, c) = (format!("{side}.mid_block.attentions.0"), format!("{side}.mid.attn_1"));
+    resnet(
+        m,
+        &format!("{side}.mid_block.resnets.0"),
+        &format!("{side}.mid.block_1"),
+        ch,
+        ch,
+    )?;
+    let (d, c) = (
+        format!("{side}.mid_block.attentions.0"),
+        format!("{side}.mid.attn_1"),
+    );
     m.norm(&format!("{d}.group_norm"), &format!("{c}.norm"), ch)?;
-    for (new, old, orig) in [("to_q", "query", "q"), ("to_k", "key", "k"), ("to_v", "value", "v"), ("to_out.0", "proj_attn", "proj_out")] {
+    for (new, old, orig) in [
+        ("to_q", "query", "q"),
+        ("to_k", "key", "k"),
+        ("to_v", "value", "v"),
+        ("to_out.0", "proj_attn", "proj_out"),
+    ] {
         m.linear_as_conv1x1(&format!("{d}.{new}"), &format!("{c}.{orig}"), ch, ch)?;
         for p in ["weight", "bias"] {
             m.alias(&format!("{d}.{old}.{p}"), &format!("{d}.{new}.{p}"))?;
         }
     }
-    resnet(m, &format!("{side}.mid_block.resnets.1"), &format!("{side}.mid.block_2"), ch, ch)
+    resnet(
+        m,
+        &format!("{side}.mid_block.resnets.1"),
+        &format!("{side}.mid.block_2"),
+        ch,
+        ch,
+    )
 }

@@ -47,7 +47,11 @@ impl std::fmt::Display for KeyReport {
             write!(f, "; missing `{}` {:?}", m.key, m.expected)?;
         }
         for s in self.shape.iter().take(SHOW) {
-            write!(f, "; `{}` is {:?}, expected {:?}", s.key, s.found, s.expected)?;
+            write!(
+                f,
+                "; `{}` is {:?}, expected {:?}",
+                s.key, s.found, s.expected
+            )?;
         }
         for u in self.unused.iter().take(SHOW) {
             write!(f, "; unused `{u}`")?;
@@ -86,7 +90,11 @@ pub enum ImportError {
     Duplicate { key: String },
     /// A fused canonical tensor whose blocks are not all in the map (a bug in a map builder).
     #[error("key map: `{key}` has {have} of {want} blocks")]
-    IncompleteFusion { key: String, have: usize, want: usize },
+    IncompleteFusion {
+        key: String,
+        have: usize,
+        want: usize,
+    },
     #[error("{0}")]
     Keys(Box<KeyReport>),
     #[error(transparent)]

@@ -23,7 +23,10 @@ impl<T: Clone + std::fmt::Debug> OneOrMany<T> {
             OneOrMany::Many(v) if v.len() == levels => Ok(v.clone()),
             OneOrMany::Many(v) => Err(ImportError::Inconsistent {
                 what,
-                detail: format!("`{field}` = {v:?} has {} entries for {levels} levels", v.len()),
+                detail: format!(
+                    "`{field}` = {v:?} has {} entries for {levels} levels",
+                    v.len()
+                ),
             }),
         }
     }
@@ -69,7 +72,12 @@ pub(crate) fn check_rest(
     for (key, value) in rest {
         if let Some(f) = fixed.iter().find(|f| f.field == key) {
             if !f.accepted.iter().any(|a| a.matches(value)) {
-                return Err(ImportError::Unsupported { what, field: f.field, value: value.to_string(), reason: f.reason });
+                return Err(ImportError::Unsupported {
+                    what,
+                    field: f.field,
+                    value: value.to_string(),
+                    reason: f.reason,
+                });
             }
         } else if !harmless.contains(&key.as_str()) {
             ignored.push(key.clone());
@@ -79,10 +87,21 @@ pub(crate) fn check_rest(
 }
 
 /// Reads and parses a config file.
-pub(crate) fn read_config<T: for<'de> Deserialize<'de>>(what: &'static str, path: &Path) -> Result<T> {
-    let text = std::fs::read_to_string(path).map_err(|source| ImportError::Io { path: path.to_path_buf(), source })?;
+pub(crate) fn read_config<T: for<'de> Deserialize<'de>>(
+    what: &'static str,
+    path: &Path,
+) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|source| ImportError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
     serde_json::from_str(&text).map_err(|source| ImportError::Json { what, source })
 }
 
 /// Config entries every diffusers / transformers config carries that say nothing about the model.
-pub(crate) const BOOKKEEPING: &[&str] = &["_class_name", "_diffusers_version", "_name_or_path", "_commit_hash"];
+pub(crate) const BOOKKEEPING: &[&str] = &[
+    "_class_name",
+    "_diffusers_version",
+    "_name_or_path",
+    "_commit_hash",
+];

@@ -56,25 +56,39 @@ impl KeyMap {
 
     /// Adds one row; fails if either name (or canonical block) is already claimed.
     pub fn push(&mut self, entry: Entry) -> Result<()> {
-        if self.by_diffusers.contains_key(&entry.diffusers) || self.aliases.contains_key(&entry.diffusers) {
-            return Err(ImportError::Duplicate { key: entry.diffusers });
+        if self.by_diffusers.contains_key(&entry.diffusers)
+            || self.aliases.contains_key(&entry.diffusers)
+        {
+            return Err(ImportError::Duplicate {
+                key: entry.diffusers,
+            });
         }
-        let parts = self.by_canonical.get(&entry.canonical).map(Vec::as_slice).unwrap_or(&[]);
+        let parts = self
+            .by_canonical
+            .get(&entry.canonical)
+            .map(Vec::as_slice)
+            .unwrap_or(&[]);
         let clash = parts.iter().any(|&i| {
             let other = &self.entries[i];
             match (other.conversion, entry.conversion) {
-                (Conversion::RowBlock { index: a, count: n }, Conversion::RowBlock { index: b, count: m }) => {
-                    a == b || n != m || other.canonical_shape != entry.canonical_shape
-                }
+                (
+                    Conversion::RowBlock { index: a, count: n },
+                    Conversion::RowBlock { index: b, count: m },
+                ) => a == b || n != m || other.canonical_shape != entry.canonical_shape,
                 _ => true,
             }
         });
         if clash {
-            return Err(ImportError::Duplicate { key: entry.canonical });
+            return Err(ImportError::Duplicate {
+                key: entry.canonical,
+            });
         }
         let i = self.entries.len();
         self.by_diffusers.insert(entry.diffusers.clone(), i);
-        self.by_canonical.entry(entry.canonical.clone()).or_default().push(i);
+        self.by_canonical
+            .entry(entry.canonical.clone())
+            .or_default()
+            .push(i);
         let canonical = entry.canonical.clone();
         self.entries.push(entry);
         let entries = &self.entries;
@@ -109,7 +123,11 @@ impl KeyMap {
 
     /// `weight` `[out, in, k, k]` and `bias` `[out]` of a 2-D convolution.
     pub fn conv(&mut self, d: &str, c: &str, out: usize, inp: usize, k: usize) -> Result<()> {
-        self.rename(&format!("{d}.weight"), &format!("{c}.weight"), &[out, inp, k, k])?;
+        self.rename(
+            &format!("{d}.weight"),
+            &format!("{c}.weight"),
+            &[out, inp, k, k],
+        )?;
         self.rename(&format!("{d}.bias"), &format!("{c}.bias"), &[out])
     }
 
@@ -134,10 +152,14 @@ impl KeyMap {
     /// Accepts `legacy` as another diffusers name of the already present key `current` (input only).
     pub fn alias(&mut self, legacy: &str, current: &str) -> Result<()> {
         if self.by_diffusers.contains_key(legacy) || self.aliases.contains_key(legacy) {
-            return Err(ImportError::Duplicate { key: legacy.to_string() });
+            return Err(ImportError::Duplicate {
+                key: legacy.to_string(),
+            });
         }
         if !self.by_diffusers.contains_key(current) {
-            return Err(ImportError::Duplicate { key: format!("{legacy} (alias of unknown `{current}`)") });
+            return Err(ImportError::Duplicate {
+                key: format!("{legacy} (alias of unknown `{current}`)"),
+            });
         }
         self.aliases.insert(legacy.to_string(), current.to_string());
         Ok(())
@@ -174,7 +196,11 @@ impl KeyMap {
             .iter()
             .map(|(k, v)| (format!("{prefix}{k}"), v.clone()))
             .collect();
-        out.ignored_canonical = self.ignored_canonical.iter().map(|k| format!("{prefix}{k}")).collect();
+        out.ignored_canonical = self
+            .ignored_canonical
+            .iter()
+            .map(|k| format!("{prefix}{k}"))
+            .collect();
         out
     }
 
@@ -193,21 +219,33 @@ impl KeyMap {
 
     /// The canonical name of a diffusers key (legacy aliases accepted).
     pub fn canonical_key(&self, diffusers: &str) -> Option<&str> {
-        let d = self.aliases.get(diffusers).map_or(diffusers, String::as_str);
-        self.by_diffusers.get(d).map(|&i| self.entries[i].canonical.as_str())
+        let d = self
+            .aliases
+            .get(diffusers)
+            .map_or(diffusers, String::as_str);
+        self.by_diffusers
+            .get(d)
+            .map(|&i| self.entries[i].canonical.as_str())
     }
 
     /// The diffusers name(s) of a canonical key: one, or the blocks of a fused tensor in order.
     pub fn diffusers_keys(&self, canonical: &str) -> Vec<&str> {
         self.by_canonical
             .get(canonical)
-            .map(|v| v.iter().map(|&i| self.entries[i].diffusers.as_str()).collect())
+            .map(|v| {
+                v.iter()
+                    .map(|&i| self.entries[i].diffusers.as_str())
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
     /// `(diffusers key, shape)` for every row, in module order.
     pub fn diffusers_manifest(&self) -> Vec<(String, Vec<usize>)> {
-        self.entries.iter().map(|e| (e.diffusers.clone(), e.diffusers_shape.clone())).collect()
+        self.entries
+            .iter()
+            .map(|e| (e.diffusers.clone(), e.diffusers_shape.clone()))
+            .collect()
     }
 
     /// `(canonical key, shape)` for every canonical tensor (fused tensors once), in module order.
@@ -222,17 +260,29 @@ impl KeyMap {
 
     /// Renames and converts diffusers tensors to canonical ones, in module order. Fails with every missing,
     /// misshapen and unknown key at once; ignored buffers are dropped, legacy names accepted.
-    pub fn to_canonical(&self, tensors: impl IntoIterator<Item = (String, Tensor)>) -> Result<Vec<(String, Tensor)>> {
-        let mut report = KeyReport { naming: "diffusers", ..KeyReport::default() };
+    pub fn to_canonical(
+        &self,
+        tensors: impl IntoIterator<Item = (String, Tensor)>,
+    ) -> Result<Vec<(String, Tensor)>> {
+        let mut report = KeyReport {
+            naming: "diffusers",
+            ..KeyReport::default()
+        };
         let mut found: Vec<Option<Tensor>> = vec![None; self.entries.len()];
         for (key, t) in tensors {
             let key = self.aliases.get(&key).cloned().unwrap_or(key);
             match self.by_diffusers.get(&key) {
-                Some(&i) if found[i].is_some() => report.unused.push(format!("{key} (given twice)")),
+                Some(&i) if found[i].is_some() => {
+                    report.unused.push(format!("{key} (given twice)"))
+                }
                 Some(&i) => {
                     let expected = &self.entries[i].diffusers_shape;
                     if t.dims() != expected.as_slice() {
-                        report.shape.push(ShapeMismatch { key, expected: expected.clone(), found: t.dims().to_vec() });
+                        report.shape.push(ShapeMismatch {
+                            key,
+                            expected: expected.clone(),
+                            found: t.dims().to_vec(),
+                        });
                     }
                     found[i] = Some(t);
                 }
@@ -242,7 +292,10 @@ impl KeyMap {
         }
         for (e, t) in self.entries.iter().zip(&found) {
             if t.is_none() {
-                report.missing.push(MissingKey { key: e.diffusers.clone(), expected: e.diffusers_shape.clone() });
+                report.missing.push(MissingKey {
+                    key: e.diffusers.clone(),
+                    expected: e.diffusers_shape.clone(),
+                });
             }
         }
         if !report.is_empty() {
@@ -258,10 +311,16 @@ impl KeyMap {
             let parts = &self.by_canonical[&e.canonical];
             let t = match e.conversion {
                 Conversion::Identity => take(&found, parts[0]),
-                Conversion::Reshape => take(&found, parts[0]).reshape(e.canonical_shape.as_slice())?,
+                Conversion::Reshape => {
+                    take(&found, parts[0]).reshape(e.canonical_shape.as_slice())?
+                }
                 Conversion::RowBlock { count, .. } => {
                     if parts.len() != count {
-                        return Err(ImportError::IncompleteFusion { key: e.canonical.clone(), have: parts.len(), want: count });
+                        return Err(ImportError::IncompleteFusion {
+                            key: e.canonical.clone(),
+                            have: parts.len(),
+                            want: count,
+                        });
                     }
                     let blocks: Vec<Tensor> = parts.iter().map(|&i| take(&found, i)).collect();
                     Tensor::cat(&blocks, 0)?
@@ -273,16 +332,28 @@ impl KeyMap {
     }
 
     /// The inverse of [`KeyMap::to_canonical`]: canonical tensors to diffusers ones, in module order.
-    pub fn to_diffusers(&self, tensors: impl IntoIterator<Item = (String, Tensor)>) -> Result<Vec<(String, Tensor)>> {
-        let mut report = KeyReport { naming: "canonical", ..KeyReport::default() };
+    pub fn to_diffusers(
+        &self,
+        tensors: impl IntoIterator<Item = (String, Tensor)>,
+    ) -> Result<Vec<(String, Tensor)>> {
+        let mut report = KeyReport {
+            naming: "canonical",
+            ..KeyReport::default()
+        };
         let mut found: HashMap<String, Tensor> = HashMap::new();
         for (key, t) in tensors {
             match self.by_canonical.get(&key) {
-                Some(_) if found.contains_key(&key) => report.unused.push(format!("{key} (given twice)")),
+                Some(_) if found.contains_key(&key) => {
+                    report.unused.push(format!("{key} (given twice)"))
+                }
                 Some(parts) => {
                     let expected = &self.entries[parts[0]].canonical_shape;
                     if t.dims() != expected.as_slice() {
-                        report.shape.push(ShapeMismatch { key: key.clone(), expected: expected.clone(), found: t.dims().to_vec() });
+                        report.shape.push(ShapeMismatch {
+                            key: key.clone(),
+                            expected: expected.clone(),
+                            found: t.dims().to_vec(),
+                        });
                     }
                     found.insert(key, t);
                 }
@@ -292,7 +363,10 @@ impl KeyMap {
         }
         for (key, shape) in self.canonical_manifest() {
             if !found.contains_key(&key) {
-                report.missing.push(MissingKey { key, expected: shape });
+                report.missing.push(MissingKey {
+                    key,
+                    expected: shape,
+                });
             }
         }
         if !report.is_empty() {
@@ -301,7 +375,9 @@ impl KeyMap {
         }
         let mut out = Vec::with_capacity(self.entries.len());
         for e in &self.entries {
-            let t = found.get(&e.canonical).expect("invariant: every canonical key was checked present");
+            let t = found
+                .get(&e.canonical)
+                .expect("invariant: every canonical key was checked present");
             let t = match e.conversion {
                 Conversion::Identity => t.clone(),
                 Conversion::Reshape => t.reshape(e.diffusers_shape.as_slice())?,
@@ -317,11 +393,16 @@ impl KeyMap {
 }
 
 fn take(found: &[Option<Tensor>], i: usize) -> Tensor {
-    found[i].clone().expect("invariant: every diffusers key was checked present")
+    found[i]
+        .clone()
+        .expect("invariant: every diffusers key was checked present")
 }
 
 /// Maps diffusers tensors to canonical ones (shorthand for [`KeyMap::to_canonical`]).
-pub fn map_tensors(map: &KeyMap, tensors: impl IntoIterator<Item = (String, Tensor)>) -> Result<Vec<(String, Tensor)>> {
+pub fn map_tensors(
+    map: &KeyMap,
+    tensors: impl IntoIterator<Item = (String, Tensor)>,
+) -> Result<Vec<(String, Tensor)>> {
     map.to_canonical(tensors)
 }
 
@@ -338,7 +419,8 @@ mod tests {
 
     fn small_map() -> KeyMap {
         let mut m = KeyMap::new();
-        m.conv("conv_in", "input_blocks.0.0", 4, 2, 3).expect("conv");
+        m.conv("conv_in", "input_blocks.0.0", 4, 2, 3)
+            .expect("conv");
         m.linear_as_conv1x1("attn.to_q", "attn.q", 3, 3).expect("q");
         for (i, name) in ["q_proj", "k_proj", "v_proj"].iter().enumerate() {
             m.push(Entry {
@@ -350,7 +432,8 @@ mod tests {
             })
             .expect("block");
         }
-        m.alias("attn.query.weight", "attn.to_q.weight").expect("alias");
+        m.alias("attn.query.weight", "attn.to_q.weight")
+            .expect("alias");
         m.ignore_diffusers("position_ids");
         m
     }
@@ -371,8 +454,14 @@ mod tests {
     #[test]
     fn push_rejects_a_second_claim_on_either_side() {
         let mut m = small_map();
-        assert!(matches!(m.rename("conv_in.bias", "other", &[4]), Err(ImportError::Duplicate { .. })));
-        assert!(matches!(m.rename("other", "input_blocks.0.0.bias", &[4]), Err(ImportError::Duplicate { .. })));
+        assert!(matches!(
+            m.rename("conv_in.bias", "other", &[4]),
+            Err(ImportError::Duplicate { .. })
+        ));
+        assert!(matches!(
+            m.rename("other", "input_blocks.0.0.bias", &[4]),
+            Err(ImportError::Duplicate { .. })
+        ));
         let dup_block = Entry {
             diffusers: "sa.q2.weight".into(),
             diffusers_shape: vec![2, 5],
@@ -380,7 +469,10 @@ mod tests {
             canonical_shape: vec![6, 5],
             conversion: Conversion::RowBlock { index: 1, count: 3 },
         };
-        assert!(matches!(m.push(dup_block), Err(ImportError::Duplicate { .. })));
+        assert!(matches!(
+            m.push(dup_block),
+            Err(ImportError::Duplicate { .. })
+        ));
     }
 
     #[test]
@@ -390,11 +482,20 @@ mod tests {
         let keys: Vec<&str> = out.iter().map(|(k, _)| k.as_str()).collect();
         assert_eq!(
             keys,
-            ["input_blocks.0.0.weight", "input_blocks.0.0.bias", "attn.q.weight", "attn.q.bias", "attn.in_proj_weight"]
+            [
+                "input_blocks.0.0.weight",
+                "input_blocks.0.0.bias",
+                "attn.q.weight",
+                "attn.q.bias",
+                "attn.in_proj_weight"
+            ]
         );
         let q = &out[2].1;
         assert_eq!(q.dims(), &[3, 3, 1, 1]);
-        assert_eq!(q.flatten_all()?.to_vec1::<f32>()?, t(&[9], 200.).to_vec1::<f32>()?);
+        assert_eq!(
+            q.flatten_all()?.to_vec1::<f32>()?,
+            t(&[9], 200.).to_vec1::<f32>()?
+        );
         let fused = out[4].1.to_vec2::<f32>()?;
         assert_eq!(fused[0][0], 400.);
         assert_eq!(fused[2][0], 500.);
@@ -404,13 +505,26 @@ mod tests {
         let want: HashMap<String, Tensor> = diffusers_tensors()
             .into_iter()
             .filter(|(k, _)| k != "position_ids")
-            .map(|(k, v)| (if k == "attn.query.weight" { "attn.to_q.weight".to_string() } else { k }, v))
+            .map(|(k, v)| {
+                (
+                    if k == "attn.query.weight" {
+                        "attn.to_q.weight".to_string()
+                    } else {
+                        k
+                    },
+                    v,
+                )
+            })
             .collect();
         assert_eq!(back.len(), want.len());
         for (k, v) in back {
             let w = &want[&k];
             assert_eq!(v.dims(), w.dims(), "{k}");
-            let d = (v.to_dtype(DType::F32)? - w)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            let d = (v.to_dtype(DType::F32)? - w)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()?;
             assert_eq!(d, 0.0, "{k}");
         }
         Ok(())
@@ -424,7 +538,9 @@ mod tests {
         ts.push(("stray.weight".into(), t(&[1], 0.)));
         ts.push(("attn.to_q.weight".into(), t(&[3, 3], 0.))); // twice, via its alias too
         let err = small_map().to_canonical(ts).expect_err("must fail");
-        let ImportError::Keys(r) = err else { panic!("wrong error {err}") };
+        let ImportError::Keys(r) = err else {
+            panic!("wrong error {err}")
+        };
         let missing: Vec<&str> = r.missing.iter().map(|m| m.key.as_str()).collect();
         assert_eq!(missing, ["conv_in.bias", "sa.k_proj.weight"]);
         assert_eq!(r.missing[0].expected, vec![4]);
@@ -432,13 +548,18 @@ mod tests {
         assert_eq!(r.shape[0].key, "conv_in.weight");
         assert_eq!(r.shape[0].found, vec![4, 2, 1, 1]);
         assert_eq!(r.unused, ["attn.to_q.weight (given twice)", "stray.weight"]);
-        assert!(r.to_string().starts_with("2 missing, 1 with wrong shape, 2 unused"));
+        assert!(r
+            .to_string()
+            .starts_with("2 missing, 1 with wrong shape, 2 unused"));
     }
 
     #[test]
     fn prefix_and_lookups_work_in_both_directions() {
         let m = small_map().with_canonical_prefix("model.diffusion_model.");
-        assert_eq!(m.canonical_key("attn.query.weight"), Some("model.diffusion_model.attn.q.weight"));
+        assert_eq!(
+            m.canonical_key("attn.query.weight"),
+            Some("model.diffusion_model.attn.q.weight")
+        );
         assert_eq!(
             m.diffusers_keys("model.diffusion_model.attn.in_proj_weight"),
             ["sa.q_proj.weight", "sa.k_proj.weight", "sa.v_proj.weight"]

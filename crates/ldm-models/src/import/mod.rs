@@ -14,6 +14,7 @@
 //! | `text_encoder/` SD1 | [`DiffusersClipConfig`] -> [`ClipArch`] | [`clip_key_map`] | [`CLIP_PREFIX`] |
 //! | `text_encoder/` SD2 | [`DiffusersClipConfig`] -> [`ClipArch`] | [`open_clip_key_map`] | [`OPEN_CLIP_PREFIX`] |
 //!
+//! [`component_files`] finds a component's `config.json` and weights in a diffusers folder.
 //! Maps give canonical names relative to the component's prefix; [`KeyMap::with_canonical_prefix`] adds it.
 //!
 //! Connecting to the typed model configs: `UnetArch`, `VaeArch` and `ClipArch` state the original
@@ -25,6 +26,7 @@
 //! definitions, failing where they support less (e.g. per-level `res_blocks`). Each `*Arch` lists the config
 //! entries it did not understand in `ignored`, for the caller to log.
 mod error;
+mod folder;
 mod json;
 mod key_map;
 
@@ -33,11 +35,14 @@ pub mod diffusers_unet;
 pub mod diffusers_vae;
 
 pub use diffusers_clip::{
-    clip_key_map, clip_key_map_for, open_clip_key_map, open_clip_key_map_for, Activation, ClipArch, DiffusersClipConfig,
-    CLIP_PREFIX, OPEN_CLIP_PREFIX, POSITION_IDS,
+    clip_key_map, clip_key_map_for, open_clip_key_map, open_clip_key_map_for, Activation, ClipArch,
+    DiffusersClipConfig, CLIP_PREFIX, OPEN_CLIP_PREFIX, POSITION_IDS,
 };
-pub use diffusers_unet::{unet_key_map, unet_key_map_for, DiffusersUnetConfig, Heads, UnetArch, UNET_PREFIX};
+pub use diffusers_unet::{
+    unet_key_map, unet_key_map_for, DiffusersUnetConfig, Heads, UnetArch, UNET_PREFIX,
+};
 pub use diffusers_vae::{vae_key_map, vae_key_map_for, DiffusersVaeConfig, VaeArch, VAE_PREFIX};
 pub use error::{ImportError, KeyReport, MissingKey, Result, ShapeMismatch};
+pub use folder::{component_files, ComponentFiles};
 pub use json::OneOrMany;
 pub use key_map::{map_tensors, Conversion, Entry, KeyMap};
