@@ -195,8 +195,10 @@ fn read_zip(path: &Path, bytes: &[u8]) -> Result<Checkpoint> {
     };
     let mut zip = Zip::new(Cursor::new(bytes)).map_err(zip_err)?;
     // torch writes every record under one top-level folder (the archive name, e.g. "archive/").
-    let prefix = zip
-        .file_names()
+    // Entry names that are not valid UTF-8 cannot be torch's own records; they are left out.
+    let names: Vec<String> = zip.file_names().filter_map(|n| n.ok().map(|n| n.into_owned())).collect();
+    let prefix = names
+        .iter()
         .filter_map(|n| n.strip_suffix("data.pkl"))
         .find(|p| p.is_empty() || (p.ends_with('/') && p.matches('/').count() == 1))
         .map(str::to_string)
@@ -204,9 +206,9 @@ fn read_zip(path: &Path, bytes: &[u8]) -> Result<Checkpoint> {
             path: path.to_path_buf(),
             entry: "<archive>/data.pkl".into(),
         })?;
-    if zip
-        .file_names()
-        .any(|n| n == format!("{prefix}constants.pkl") || n.starts_with(&format!("{prefix}code/")))
+    if names
+        .iter()
+        .any(|n| *n == format!("{prefix}constants.pkl") || n.starts_with(&format!("{prefix}code/")))
     {
         return Err(not_ckpt(
             path,
@@ -285,7 +287,7 @@ fn entry_bytes<'a>(
         detail,
     };
     if file.compression() == zip::CompressionMethod::Stored && !file.encrypted() {
-        let start = usize::try_from(file.data_start()).ok();
+        let start = file.data_start().and_then(|s| usize::try_from(s).ok());
         let size = usize::try_from(file.size()).ok();
         let end = start
             .zip(size)

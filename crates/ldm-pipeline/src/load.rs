@@ -13,7 +13,7 @@ use ldm_sampling::SchedulerConfig;
 
 use crate::error::{PipelineError, Result};
 use crate::source::{detect_form, CheckpointForm};
-use crate::spec::{detect_family, Family, ModelSpec, CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX};
+use crate::spec::{detect_family, Family, ModelSpec, CLIP_PREFIX};
 
 /// How the user overrides the config: a YAML file or a preset name.
 #[derive(Debug, Clone, PartialEq)]
@@ -99,40 +99,9 @@ fn builtin_tokenizer(family: Family) -> Result<ClipTokenizer> {
     }
 }
 
-fn read_json<T>(path: &Path, parse: impl Fn(&Path) -> import::Result<T>) -> Result<T> {
-    if !path.is_file() {
-        return Err(PipelineError::NotACheckpoint {
-            path: path.to_path_buf(),
-            reason: "missing file of the diffusers folder".into(),
-        });
-    }
-    parse(path).map_err(|e| PipelineError::Model(format!("{}: {e}", path.display())))
-}
-
-/// The weights file of a diffusers component folder (`diffusion_pytorch_model.safetensors` / `model.safetensors`,
-/// or their `.fp16` variants).
-fn component_file(dir: &Path) -> Result<PathBuf> {
-    for name in [
-        "diffusion_pytorch_model.safetensors",
-        "model.safetensors",
-        "diffusion_pytorch_model.fp16.safetensors",
-        "model.fp16.safetensors",
-    ] {
-        let p = dir.join(name);
-        if p.is_file() {
-            return Ok(p);
-        }
-    }
-    Err(PipelineError::NotACheckpoint {
-        path: dir.to_path_buf(),
-        reason: "no .safetensors weights in this diffusers component folder (.bin files are not read)".into(),
-    })
-}
-
 /// Adds a diffusers component file to `store` under canonical names, lazily (the file stays memory-mapped).
-fn add_mapped(store: &mut WeightStore, dir: &Path, map: &KeyMap, prefix: &str) -> Result<()> {
-    let path = component_file(dir)?;
-    let file = Arc::new(SafetensorsFile::open(&path)?);
+fn add_mapped(store: &mut WeightStore, path: &Path, map: &KeyMap) -> Result<()> {
+    let file = Arc::new(SafetensorsFile::open(path)?);
     let mut unknown = Vec::new();
     for name in file.names() {
         match map.entries().iter().find(|e| e.diffusers == name) {
@@ -144,7 +113,7 @@ fn add_mapped(store: &mut WeightStore, dir: &Path, map: &KeyMap, prefix: &str) -
                         return Err(PipelineError::Model(format!("{}: `{name}` needs a fused tensor", path.display())))
                     }
                 };
-                store.add_from_file(&format!("{prefix}.{}", e.canonical), &file, name, reshape);
+                store.add_from_file(&e.canonical, &file, name, reshape);
             }
             None if map.ignores_diffusers(name) => {}
             None => unknown.push(name.to_string()),
@@ -153,10 +122,9 @@ fn add_mapped(store: &mut WeightStore, dir: &Path, map: &KeyMap, prefix: &str) -
     if !unknown.is_empty() {
         unknown.sort();
         return Err(PipelineError::Model(format!(
-            "{}: {} tensors the {} config does not describe (first: `{}`)",
+            "{}: {} tensors its config.json does not describe (first: `{}`)",
             path.display(),
             unknown.len(),
-            dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
             unknown[0]
         )));
     }
@@ -164,18 +132,24 @@ fn add_mapped(store: &mut WeightStore, dir: &Path, map: &KeyMap, prefix: &str) -
 }
 
 fn open_diffusers(dir: &Path, form: CheckpointForm) -> Result<Opened> {
-    let unet_cfg = read_json(&dir.join("unet/config.json"), import::DiffusersUnetConfig::from_file)?;
-    let vae_cfg = read_json(&dir.join("vae/config.json"), import::DiffusersVaeConfig::from_file)?;
-    let text_cfg = read_json(&dir.join("text_encoder/config.json"), import::DiffusersClipConfig::from_file)?;
     let model_err = |e: import::ImportError| PipelineError::Model(format!("{}: {e}", dir.display()));
+    let unet_files = import::component_files(dir, "unet").map_err(model_err)?;
+    let vae_files = import::component_files(dir, "vae").map_err(model_err)?;
+    let text_files = import::component_files(dir, "text_encoder").map_err(model_err)?;
+    let unet_cfg = import::DiffusersUnetConfig::from_file(&unet_files.config).map_err(model_err)?;
+    let vae_cfg = import::DiffusersVaeConfig::from_file(&vae_files.config).map_err(model_err)?;
+    let text_cfg = import::DiffusersClipConfig::from_file(&text_files.config).map_err(model_err)?;
     let ua = unet_cfg.arch().map_err(model_err)?;
     let va = vae_cfg.arch().map_err(model_err)?;
     let ca = text_cfg.arch().map_err(model_err)?;
 
     let mut store = WeightStore::new(dir.display().to_string());
-    add_mapped(&mut store, &dir.join("unet"), &import::unet_key_map_for(&ua).map_err(model_err)?, UNET_PREFIX)?;
-    add_mapped(&mut store, &dir.join("vae"), &import::vae_key_map_for(&va).map_err(model_err)?, VAE_PREFIX)?;
-    add_mapped(&mut store, &dir.join("text_encoder"), &import::clip_key_map_for(&ca).map_err(model_err)?, CLIP_PREFIX)?;
+    let unet_map = import::unet_key_map_for(&ua).map_err(model_err)?.with_canonical_prefix(import::UNET_PREFIX);
+    let vae_map = import::vae_key_map_for(&va).map_err(model_err)?.with_canonical_prefix(import::VAE_PREFIX);
+    let clip_map = import::clip_key_map_for(&ca).map_err(model_err)?.with_canonical_prefix(import::CLIP_PREFIX);
+    add_mapped(&mut store, &unet_files.weights, &unet_map)?;
+    add_mapped(&mut store, &vae_files.weights, &vae_map)?;
+    add_mapped(&mut store, &text_files.weights, &clip_map)?;
 
     let uniform = |v: &[usize], what: &str| -> Result<usize> {
         match v.first() {
