@@ -70,6 +70,12 @@ pub struct ValidRequest {
 impl GenerateRequest {
     /// Checks every field; `random_seed` is used when no seed was asked for.
     pub fn validate(&self, spec: &ModelSpec, random_seed: u64) -> Result<ValidRequest> {
+        if spec.is_inpainting() {
+            return Err(PipelineError::invalid(
+                "model",
+                "this is an inpainting model (its UNet takes mask and image channels); txt2img needs a plain model",
+            ));
+        }
         let sampler: SamplerKind = self.sampler.parse().map_err(|_| {
             PipelineError::invalid(
                 "sampler",

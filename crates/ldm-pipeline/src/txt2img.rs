@@ -67,10 +67,7 @@ pub fn initial_noise(models: &SdModels, req: &ValidRequest, rng: &mut dyn NoiseR
 /// Runs txt2img for `req`; `progress` is called after every model evaluation.
 pub fn txt2img(models: &SdModels, req: &ValidRequest, progress: Progress<'_>) -> Result<Generated> {
     if models.spec.is_inpainting() {
-        return Err(PipelineError::invalid(
-            "model",
-            "this is an inpainting model (its UNet takes mask and image channels); txt2img needs a plain model",
-        ));
+        return Err(PipelineError::invalid("model", "txt2img needs a plain (4-channel) model, not an inpainting one"));
     }
     let plan = prepare(req.sampler, &models.spec.scheduler, req.steps, req.karras, req.eta)
         .map_err(|e| PipelineError::invalid("sampler", e.to_string()))?;
