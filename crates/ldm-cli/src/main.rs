@@ -25,7 +25,7 @@ enum Command {
     Info {
         /// A .safetensors / .ckpt file or a diffusers folder.
         path: PathBuf,
-        /// Config override: an original YAML file or a preset (sd1, sd2).
+        /// Config override: an original YAML file or a preset (v1-inference, v2-inference, v2-inference-v).
         #[arg(long)]
         config: Option<String>,
     },
@@ -41,7 +41,7 @@ struct Txt2imgArgs {
     /// Checkpoint: single-file .safetensors / .ckpt, or a diffusers folder.
     #[arg(long)]
     model: Option<PathBuf>,
-    /// Original inference YAML (e.g. v1-inference.yaml) or a preset name (sd1, sd2).
+    /// Original inference YAML file, or a preset: v1-inference, v2-inference (SD2 base, eps), v2-inference-v.
     #[arg(long)]
     config: Option<String>,
     #[arg(long, default_value = "")]
@@ -122,11 +122,25 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", one_line(&e));
             let usage = matches!(e.downcast_ref::<PipelineError>(), Some(PipelineError::Invalid { .. }));
             ExitCode::from(if usage { 2 } else { 1 })
         }
     }
+}
+
+/// The error and its causes on one line, skipping causes whose text the message already contains (our error
+/// types name their cause in their own message, e.g. `path: No such file or directory`).
+fn one_line(e: &anyhow::Error) -> String {
+    let mut msg = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !msg.contains(&c) {
+            msg.push_str(": ");
+            msg.push_str(&c);
+        }
+    }
+    msg.replace('\n', " ")
 }
 
 /// `out.png` for one image, `out-<i>.png` for a batch.

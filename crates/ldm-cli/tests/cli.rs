@@ -210,3 +210,18 @@ fn bad_requests_are_usage_errors_and_keep_existing_output() -> R {
     assert_eq!(std::fs::read(&out_png)?, b"earlier work");
     Ok(())
 }
+
+#[test]
+fn config_presets_override_detection() {
+    let sd2 = fixture("sd2v-tiny/model.safetensors").display().to_string();
+    for (preset, want) in
+        [("v2-inference", "SD 2.x, eps-prediction"), ("v2-inference-v", "SD 2.x, v-prediction")]
+    {
+        let out = ldm(&["info", &sd2, "--config", preset]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success() && text.contains(want) && text.contains("preset"), "{preset}: {text}");
+    }
+    // A preset of the wrong family is refused, naming both.
+    let out = ldm(&["info", &sd2, "--config", "v1-inference"]);
+    assert_fails(&out, 1, "the config describes SD 1.x but the weights are SD 2.x");
+}

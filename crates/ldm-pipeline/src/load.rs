@@ -9,7 +9,7 @@ use ldm_models::text::{Activation, TextConfig, TextLayout, TextOutput};
 use ldm_models::tokenizer::{ClipTokenizer, Pad};
 use ldm_models::unet::{HeadSpec, UnetConfig};
 use ldm_models::autoencoder::{AutoencoderKlConfig, DdConfig};
-use ldm_sampling::SchedulerConfig;
+use ldm_sampling::{PredictionType, SchedulerConfig};
 
 use crate::error::{PipelineError, Result};
 use crate::source::{detect_form, CheckpointForm};
@@ -19,15 +19,20 @@ use crate::spec::{detect_family, Family, ModelSpec, CLIP_PREFIX};
 #[derive(Debug, Clone, PartialEq)]
 pub enum ConfigOverride {
     Yaml(PathBuf),
-    Preset(Family),
+    /// A family preset, with the prediction type when the name states it.
+    Preset(Family, Option<PredictionType>),
 }
 
 impl ConfigOverride {
-    /// `--config` value: a preset name (`sd1`, `sd2`, `v1-inference`, `v2-inference`) or a path to a YAML file.
+    /// `--config` value: a preset named after the original inference YAMLs (`v1-inference`, `v2-inference`
+    /// for SD 2.x base ε-models, `v2-inference-v` for the 768-v models; `sd1`, `sd2-base`, `sd2-v` alike) or a path
+    /// to a YAML file.
     pub fn parse(value: &str) -> Self {
+        use PredictionType::{Epsilon, VPrediction};
         match value {
-            "sd1" | "sd-v1" | "v1-inference" => Self::Preset(Family::Sd1),
-            "sd2" | "sd-v2" | "v2-inference" => Self::Preset(Family::Sd2),
+            "sd1" | "v1-inference" | "v1-inference.yaml" => Self::Preset(Family::Sd1, None),
+            "sd2-base" | "v2-inference" | "v2-inference.yaml" => Self::Preset(Family::Sd2, Some(Epsilon)),
+            "sd2-v" | "v2-inference-v" | "v2-inference-v.yaml" => Self::Preset(Family::Sd2, Some(VPrediction)),
             _ => Self::Yaml(PathBuf::from(value)),
         }
     }
@@ -71,7 +76,13 @@ fn finish_single_file(form: CheckpointForm, store: WeightStore, config: Option<&
     let family = detect_family(&store).map_err(|reason| PipelineError::Unsupported { path: path.clone(), reason })?;
     let beside = path.with_extension("yaml");
     let (spec, config_source) = match config {
-        Some(ConfigOverride::Preset(f)) => (ModelSpec::preset(*f, &store)?, format!("preset {}", f.name())),
+        Some(ConfigOverride::Preset(f, prediction)) => {
+            let mut spec = ModelSpec::preset(*f, &store)?;
+            if let Some(p) = prediction {
+                spec.scheduler.prediction_type = *p;
+            }
+            (spec, format!("preset {}", f.name()))
+        }
         Some(ConfigOverride::Yaml(y)) => {
             (ModelSpec::from_original(&OriginalConfig::load(y)?, &store, &y.display().to_string())?, y.display().to_string())
         }

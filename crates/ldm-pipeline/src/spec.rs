@@ -116,7 +116,8 @@ fn unet_in_channels(store: &WeightStore) -> Option<usize> {
 
 impl ModelSpec {
     /// The preset of `family` (SD's published sizes), with the text encoder's sizes and the UNet's input
-    /// channels read from the tensors.
+    /// channels read from the tensors. SD 2.x defaults to v-prediction, as diffusers' single-file loader does
+    /// (the 768-v models are the common SD 2.x files); `--config v2-inference` selects ε for the 512 base models.
     pub fn preset(family: Family, store: &WeightStore) -> Result<Self> {
         let (mut unet, layout, prefix, activation, output) = match family {
             Family::Sd1 => (UnetConfig::sd_v1(), TextLayout::Hf, CLIP_PREFIX, Activation::QuickGelu, TextOutput::Last),
@@ -135,7 +136,10 @@ impl ModelSpec {
             text,
             text_layout: layout,
             latent_scale: 0.18215,
-            scheduler: SchedulerConfig::sd_default(),
+            scheduler: match family {
+                Family::Sd1 => SchedulerConfig::sd_default(),
+                Family::Sd2 => SchedulerConfig::sd_v_default(),
+            },
             text_prefix: prefix.to_string(),
         })
     }

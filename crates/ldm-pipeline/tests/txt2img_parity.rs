@@ -130,3 +130,31 @@ fn sd2v_diffusers_folder_matches_diffusers() -> R {
     check_model("sd2v-tiny", "diffusers")
 }
 
+
+/// The three forms of one checkpoint hold the same numbers, so they must give bit-identical results.
+#[test]
+fn single_file_ckpt_and_diffusers_folder_give_identical_images() -> R {
+    let req = ValidRequest {
+        prompt: "a photograph of an astronaut riding a horse".into(),
+        negative_prompt: "blurry".into(),
+        steps: 4,
+        cfg_scale: 5.0,
+        sampler: "euler-a".parse()?,
+        karras: false,
+        eta: 0.0,
+        width: 32,
+        height: 32,
+        seed: 3,
+        batch: 1,
+        noise: None,
+    };
+    let run = |form: &str| -> R<Vec<f32>> {
+        let models = SdModels::build(open(&fixture(&format!("sd1-tiny/{form}")), None)?, &Device::Cpu)?;
+        let out = txt2img(&models, &req, &mut |_, _| {})?;
+        Ok(out.images.flatten_all()?.to_vec1::<f32>()?)
+    };
+    let single = run("model.safetensors")?;
+    assert_eq!(single, run("model.ckpt")?, "ckpt differs from the single file");
+    assert_eq!(single, run("diffusers")?, "diffusers folder differs from the single file");
+    Ok(())
+}
