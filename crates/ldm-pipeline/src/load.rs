@@ -74,8 +74,20 @@ pub fn open(path: &Path, config: Option<&ConfigOverride>) -> Result<Opened> {
 fn finish_single_file(form: CheckpointForm, store: WeightStore, config: Option<&ConfigOverride>) -> Result<Opened> {
     let path = form.path().to_path_buf();
     let family = detect_family(&store).map_err(|reason| PipelineError::Unsupported { path: path.clone(), reason })?;
+    let mismatch = |described: Family| PipelineError::Unsupported {
+        path: path.clone(),
+        reason: format!("the config describes {} but the weights are {}", described.name(), family.name()),
+    };
+    let from_yaml = |y: &Path| -> Result<(ModelSpec, String)> {
+        let cfg = OriginalConfig::load(y)?;
+        if let Some(described) = crate::spec::original_family(&cfg).filter(|f| *f != family) {
+            return Err(mismatch(described));
+        }
+        Ok((ModelSpec::from_original(&cfg, &store, &y.display().to_string())?, y.display().to_string()))
+    };
     let beside = path.with_extension("yaml");
     let (spec, config_source) = match config {
+        Some(ConfigOverride::Preset(f, _)) if *f != family => return Err(mismatch(*f)),
         Some(ConfigOverride::Preset(f, prediction)) => {
             let mut spec = ModelSpec::preset(*f, &store)?;
             if let Some(p) = prediction {
@@ -83,21 +95,10 @@ fn finish_single_file(form: CheckpointForm, store: WeightStore, config: Option<&
             }
             (spec, format!("preset {}", f.name()))
         }
-        Some(ConfigOverride::Yaml(y)) => {
-            (ModelSpec::from_original(&OriginalConfig::load(y)?, &store, &y.display().to_string())?, y.display().to_string())
-        }
-        None if beside.is_file() => (
-            ModelSpec::from_original(&OriginalConfig::load(&beside)?, &store, &beside.display().to_string())?,
-            beside.display().to_string(),
-        ),
+        Some(ConfigOverride::Yaml(y)) => from_yaml(y)?,
+        None if beside.is_file() => from_yaml(&beside)?,
         None => (ModelSpec::preset(family, &store)?, format!("preset {} (detected)", family.name())),
     };
-    if spec.family != family {
-        return Err(PipelineError::Unsupported {
-            path,
-            reason: format!("the config describes {} but the weights are {}", spec.family.name(), family.name()),
-        });
-    }
     let tokenizer = builtin_tokenizer(family)?;
     Ok(Opened { form, store: Arc::new(store), spec, tokenizer, config_source })
 }

@@ -77,6 +77,15 @@ impl ModelSpec {
     }
 }
 
+/// The family an original YAML describes, from its text encoder.
+pub fn original_family(cfg: &OriginalConfig) -> Option<Family> {
+    match cfg.text {
+        Some(OriginalTextEncoder::Clip { .. }) => Some(Family::Sd1),
+        Some(OriginalTextEncoder::OpenClip { .. }) => Some(Family::Sd2),
+        None => None,
+    }
+}
+
 /// The family of a single file, from its keys.
 pub fn detect_family(store: &WeightStore) -> std::result::Result<Family, String> {
     if store.contains(&format!("{CLIP_PREFIX}.embeddings.token_embedding.weight")) {
