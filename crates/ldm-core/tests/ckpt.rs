@@ -314,7 +314,7 @@ fn rewrite_zip(
         zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
     for i in 0..zin.len() {
         let mut f = zin.by_index(i).expect("entry");
-        let name = f.name().to_string();
+        let name = f.name().expect("utf-8 entry name").to_string();
         if drop(&name) {
             continue;
         }
