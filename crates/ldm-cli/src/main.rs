@@ -11,7 +11,11 @@ mod info;
 mod txt2img;
 
 #[derive(Parser)]
-#[command(name = "ldm", version, about = "Latent diffusion (Stable Diffusion) in Rust")]
+#[command(
+    name = "ldm",
+    version,
+    about = "Latent diffusion (Stable Diffusion) in Rust"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -20,7 +24,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Generate images from a text prompt.
-    Txt2img(Txt2imgArgs),
+    Txt2img(Box<Txt2imgArgs>),
     /// Describe a checkpoint: form, family, prediction type, dtypes, parameters per component.
     Info {
         /// A .safetensors / .ckpt file or a diffusers folder.
@@ -93,7 +97,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Info { path, config } => info::run(&path, config_override(&config).as_ref()),
         Command::Txt2img(a) => {
-            let prompt = a.text.or(a.prompt).context("no prompt: give it as an argument or with --prompt")?;
+            let prompt = a
+                .text
+                .or(a.prompt)
+                .context("no prompt: give it as an argument or with --prompt")?;
             let model = match a.model {
                 Some(m) => m,
                 None => default_model()?,
@@ -123,7 +130,10 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}", one_line(&e));
-            let usage = matches!(e.downcast_ref::<PipelineError>(), Some(PipelineError::Invalid { .. }));
+            let usage = matches!(
+                e.downcast_ref::<PipelineError>(),
+                Some(PipelineError::Invalid { .. })
+            );
             ExitCode::from(if usage { 2 } else { 1 })
         }
     }
@@ -148,7 +158,13 @@ pub(crate) fn output_path(base: &Path, index: usize, batch: usize) -> PathBuf {
     if batch == 1 {
         return base.to_path_buf();
     }
-    let stem = base.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "ldm-output".into());
-    let ext = base.extension().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "png".into());
+    let stem = base
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "ldm-output".into());
+    let ext = base
+        .extension()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "png".into());
     base.with_file_name(format!("{stem}-{index}.{ext}"))
 }

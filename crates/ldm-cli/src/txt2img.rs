@@ -9,7 +9,12 @@ use ldm_pipeline::infotext::{infotext, py_float};
 use ldm_pipeline::request::a1111_sampler_name;
 use ldm_pipeline::{ConfigOverride, GenerateRequest, SdModels};
 
-pub fn run(model: &Path, config: Option<&ConfigOverride>, req: &GenerateRequest, output: &Path) -> anyhow::Result<()> {
+pub fn run(
+    model: &Path,
+    config: Option<&ConfigOverride>,
+    req: &GenerateRequest,
+    output: &Path,
+) -> anyhow::Result<()> {
     let opened = ldm_pipeline::open(model, config)?;
     let random_seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -18,14 +23,23 @@ pub fn run(model: &Path, config: Option<&ConfigOverride>, req: &GenerateRequest,
     // Validate before the (slow) weight loading, so a bad request fails at once.
     let valid = req.validate(&opened.spec, random_seed)?;
     if let Some(dir) = output.parent().filter(|p| !p.as_os_str().is_empty()) {
-        anyhow::ensure!(dir.is_dir(), "output folder {} does not exist", dir.display());
+        anyhow::ensure!(
+            dir.is_dir(),
+            "output folder {} does not exist",
+            dir.display()
+        );
     }
-    let model_name = model.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let model_name = model
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let models = SdModels::build(opened, &Device::Cpu)?;
 
     let bar = ProgressBar::new(0).with_style(
-        ProgressStyle::with_template("{bar:40} {pos}/{len} steps [{elapsed_precise}<{eta_precise}]")
-            .context("progress bar template")?,
+        ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} steps [{elapsed_precise}<{eta_precise}]",
+        )
+        .context("progress bar template")?,
     );
     let mut progress = |done: usize, total: usize| {
         bar.set_length(total as u64);

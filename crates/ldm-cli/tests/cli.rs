@@ -6,11 +6,16 @@ use std::process::{Command, Output};
 type R<T = ()> = Result<T, Box<dyn std::error::Error>>;
 
 fn fixture(p: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures").join(p)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures")
+        .join(p)
 }
 
 fn ldm(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ldm")).args(args).output().expect("the ldm binary runs")
+    Command::new(env!("CARGO_BIN_EXE_ldm"))
+        .args(args)
+        .output()
+        .expect("the ldm binary runs")
 }
 
 fn sd1() -> String {
@@ -38,13 +43,21 @@ fn assert_fails(out: &Output, code: i32, needle: &str) {
     assert!(!err.contains("panicked"), "panic: {err}");
     let lines: Vec<&str> = err.lines().collect();
     assert_eq!(lines.len(), 1, "expected one line, got: {err}");
-    assert!(lines[0].starts_with("error: ") && lines[0].contains(needle), "`{needle}` not in: {err}");
+    assert!(
+        lines[0].starts_with("error: ") && lines[0].contains(needle),
+        "`{needle}` not in: {err}"
+    );
 }
 
 fn png_parameters(path: &Path) -> R<String> {
     let dec = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path)?));
     let reader = dec.read_info()?;
-    let t = reader.info().uncompressed_latin1_text.iter().find(|t| t.keyword == "parameters").ok_or("no parameters chunk")?;
+    let t = reader
+        .info()
+        .uncompressed_latin1_text
+        .iter()
+        .find(|t| t.keyword == "parameters")
+        .ok_or("no parameters chunk")?;
     Ok(t.text.clone())
 }
 
@@ -60,10 +73,29 @@ fn png_pixels(path: &Path) -> R<Vec<u8>> {
 #[test]
 fn same_seed_same_image_with_a1111_parameters() -> R {
     let dir = tempfile::tempdir()?;
-    let (a, b, c) = (dir.path().join("a.png"), dir.path().join("b.png"), dir.path().join("c.png"));
+    let (a, b, c) = (
+        dir.path().join("a.png"),
+        dir.path().join("b.png"),
+        dir.path().join("c.png"),
+    );
     for (p, seed) in [(&a, "7"), (&b, "7"), (&c, "8")] {
-        let out = txt2img(&sd1(), p, &["--seed", seed, "--negative-prompt", "blurry", "--cfg-scale", "5"]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let out = txt2img(
+            &sd1(),
+            p,
+            &[
+                "--seed",
+                seed,
+                "--negative-prompt",
+                "blurry",
+                "--cfg-scale",
+                "5",
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let (pa, pb, pc) = (png_pixels(&a)?, png_pixels(&b)?, png_pixels(&c)?);
     assert_eq!(pa.len(), 32 * 32 * 3);
@@ -82,9 +114,18 @@ fn same_seed_same_image_with_a1111_parameters() -> R {
 /// `--noise` reproduces diffusers' image for the fixture's `euler-fixed` case through the whole CLI.
 #[test]
 fn noise_file_reproduces_the_diffusers_image() -> R {
-    let refs = candle_core::safetensors::load(fixture("sd1-tiny/ref.safetensors"), &candle_core::Device::Cpu)?;
-    let cases: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture("sd1-tiny/cases.json"))?)?;
-    let case = cases["txt2img"].as_array().ok_or("cases")?.iter().find(|c| c["name"] == "euler-fixed").ok_or("case")?;
+    let refs = candle_core::safetensors::load(
+        fixture("sd1-tiny/ref.safetensors"),
+        &candle_core::Device::Cpu,
+    )?;
+    let cases: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("sd1-tiny/cases.json"))?)?;
+    let case = cases["txt2img"]
+        .as_array()
+        .ok_or("cases")?
+        .iter()
+        .find(|c| c["name"] == "euler-fixed")
+        .ok_or("case")?;
     let dir = tempfile::tempdir()?;
     let noise = &refs["txt2img.euler-fixed.noise"];
     let npy = dir.path().join("noise.npy");
@@ -94,14 +135,42 @@ fn noise_file_reproduces_the_diffusers_image() -> R {
     let cfg = case["guidance_scale"].to_string();
     let prompt = case["prompt"].as_str().ok_or("prompt")?;
     let out = ldm(&[
-        "txt2img", "--model", &sd1(), "--width", "32", "--height", "32", "--sampler", "euler", "--steps", &steps,
-        "--cfg-scale", &cfg, "--noise", &npy.display().to_string(), "--output", &out_png.display().to_string(),
-        "--prompt", prompt,
+        "txt2img",
+        "--model",
+        &sd1(),
+        "--width",
+        "32",
+        "--height",
+        "32",
+        "--sampler",
+        "euler",
+        "--steps",
+        &steps,
+        "--cfg-scale",
+        &cfg,
+        "--noise",
+        &npy.display().to_string(),
+        "--output",
+        &out_png.display().to_string(),
+        "--prompt",
+        prompt,
     ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let want: Vec<f32> = refs["txt2img.euler-fixed.image"].get(0)?.permute((1, 2, 0))?.flatten_all()?.to_vec1()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let want: Vec<f32> = refs["txt2img.euler-fixed.image"]
+        .get(0)?
+        .permute((1, 2, 0))?
+        .flatten_all()?
+        .to_vec1()?;
     let got = png_pixels(&out_png)?;
-    let worst = got.iter().zip(&want).map(|(&g, &w)| (g as f32 - w * 255.0).abs()).fold(0.0, f32::max);
+    let worst = got
+        .iter()
+        .zip(&want)
+        .map(|(&g, &w)| (g as f32 - w * 255.0).abs())
+        .fold(0.0, f32::max);
     assert!(worst <= 2.0, "image differs from diffusers by {worst}/255");
     Ok(())
 }
@@ -109,8 +178,16 @@ fn noise_file_reproduces_the_diffusers_image() -> R {
 #[test]
 fn batch_writes_numbered_files() -> R {
     let dir = tempfile::tempdir()?;
-    let out = txt2img(&sd1(), &dir.path().join("img.png"), &["--batch", "2", "--seed", "1", "--sampler", "ddim"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = txt2img(
+        &sd1(),
+        &dir.path().join("img.png"),
+        &["--batch", "2", "--seed", "1", "--sampler", "ddim"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let (a, b) = (dir.path().join("img-0.png"), dir.path().join("img-1.png"));
     assert_ne!(png_pixels(&a)?, png_pixels(&b)?);
     assert!(png_parameters(&b)?.ends_with("Batch size: 2, Batch pos: 1"));
@@ -128,7 +205,10 @@ fn info_describes_each_form() {
     ] {
         let out = ldm(&["info", &fixture(path).display().to_string()]);
         let text = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success() && text.contains(want), "{path}: {text}");
+        assert!(
+            out.status.success() && text.contains(want),
+            "{path}: {text}"
+        );
         assert!(text.contains("parameters"), "{text}");
     }
 }
@@ -136,7 +216,11 @@ fn info_describes_each_form() {
 #[test]
 fn missing_file_is_named() -> R {
     let dir = tempfile::tempdir()?;
-    let out = txt2img("/nonexistent/model.safetensors", &dir.path().join("o.png"), &[]);
+    let out = txt2img(
+        "/nonexistent/model.safetensors",
+        &dir.path().join("o.png"),
+        &[],
+    );
     assert_fails(&out, 1, "/nonexistent/model.safetensors");
     Ok(())
 }
@@ -166,7 +250,11 @@ fn truncated_safetensors_is_named() -> R {
 fn pickle_with_a_forbidden_global_is_refused_without_running_it() -> R {
     let dir = tempfile::tempdir()?;
     for evil in ["pickle/evil_os_system.ckpt", "pickle/evil_popen.ckpt"] {
-        let out = txt2img(&fixture(evil).display().to_string(), &dir.path().join("o.png"), &[]);
+        let out = txt2img(
+            &fixture(evil).display().to_string(),
+            &dir.path().join("o.png"),
+            &[],
+        );
         assert_fails(&out, 1, "forbidden global");
     }
     Ok(())
@@ -178,9 +266,13 @@ fn unsupported_family_is_named() -> R {
     let path = dir.path().join("sdxl.safetensors");
     let t = candle_core::Tensor::zeros((2, 2), candle_core::DType::F32, &candle_core::Device::Cpu)?;
     candle_core::safetensors::save(
-        &[("conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight".to_string(), t)]
-            .into_iter()
-            .collect(),
+        &[(
+            "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight"
+                .to_string(),
+            t,
+        )]
+        .into_iter()
+        .collect(),
         &path,
     )?;
     let out = txt2img(&path.display().to_string(), &dir.path().join("o.png"), &[]);
@@ -197,7 +289,10 @@ fn bad_requests_are_usage_errors_and_keep_existing_output() -> R {
         (&["--width", "30"], "width: 30 is not a multiple of 4"),
         (&["--steps", "0"], "steps: must be at least 1"),
         (&["--sampler", "magic"], "unknown sampler `magic`"),
-        (&["--sampler", "euler-a", "--karras"], "has no Karras schedule"),
+        (
+            &["--sampler", "euler-a", "--karras"],
+            "has no Karras schedule",
+        ),
         (&["--batch", "0"], "batch"),
     ];
     for (extra, needle) in cases {
@@ -205,7 +300,13 @@ fn bad_requests_are_usage_errors_and_keep_existing_output() -> R {
         assert_fails(&out, 2, needle);
         assert_eq!(std::fs::read(&out_png)?, b"earlier work");
     }
-    let out = txt2img(&fixture("sd1-inpaint-tiny/model.safetensors").display().to_string(), &out_png, &[]);
+    let out = txt2img(
+        &fixture("sd1-inpaint-tiny/model.safetensors")
+            .display()
+            .to_string(),
+        &out_png,
+        &[],
+    );
     assert_fails(&out, 2, "inpainting model");
     assert_eq!(std::fs::read(&out_png)?, b"earlier work");
     Ok(())
@@ -224,10 +325,19 @@ fn config_presets_override_detection() -> R {
         (format!("{p}token_embedding.weight"), z(&[8, 64])?),
         (format!("{p}positional_embedding"), z(&[77, 64])?),
         (format!("{p}transformer.resblocks.0.ln_1.weight"), z(&[64])?),
-        (format!("{p}transformer.resblocks.0.mlp.c_fc.weight"), z(&[256, 64])?),
+        (
+            format!("{p}transformer.resblocks.0.mlp.c_fc.weight"),
+            z(&[256, 64])?,
+        ),
         (format!("{p}transformer.resblocks.1.ln_1.weight"), z(&[64])?),
-        (format!("{p}transformer.resblocks.1.mlp.c_fc.weight"), z(&[256, 64])?),
-        ("model.diffusion_model.input_blocks.0.0.weight".to_string(), z(&[320, 4, 3, 3])?),
+        (
+            format!("{p}transformer.resblocks.1.mlp.c_fc.weight"),
+            z(&[256, 64])?,
+        ),
+        (
+            "model.diffusion_model.input_blocks.0.0.weight".to_string(),
+            z(&[320, 4, 3, 3])?,
+        ),
     ]
     .into_iter()
     .collect();
@@ -244,10 +354,18 @@ fn config_presets_override_detection() -> R {
         }
         let out = ldm(&args);
         let text = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success() && text.contains(want), "{preset:?}: {text}{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success() && text.contains(want),
+            "{preset:?}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     // A preset of the wrong family is refused, naming both.
     let out = ldm(&["info", &file, "--config", "v1-inference"]);
-    assert_fails(&out, 1, "the config describes SD 1.x but the weights are SD 2.x");
+    assert_fails(
+        &out,
+        1,
+        "the config describes SD 1.x but the weights are SD 2.x",
+    );
     Ok(())
 }

@@ -196,7 +196,10 @@ fn read_zip(path: &Path, bytes: &[u8]) -> Result<Checkpoint> {
     let mut zip = Zip::new(Cursor::new(bytes)).map_err(zip_err)?;
     // torch writes every record under one top-level folder (the archive name, e.g. "archive/").
     // Entry names that are not valid UTF-8 cannot be torch's own records; they are left out.
-    let names: Vec<String> = zip.file_names().filter_map(|n| n.ok().map(|n| n.into_owned())).collect();
+    let names: Vec<String> = zip
+        .file_names()
+        .filter_map(|n| n.ok().map(|n| n.into_owned()))
+        .collect();
     let prefix = names
         .iter()
         .filter_map(|n| n.strip_suffix("data.pkl"))

@@ -23,26 +23,49 @@ impl RgbImage {
     pub fn from_tensor(t: &Tensor) -> Result<Self> {
         let (c, height, width) = t.dims3()?;
         if c != 3 {
-            return Err(Error::Candle(candle_core::Error::Msg(format!("expected 3 channels, got {c}"))));
+            return Err(Error::Candle(candle_core::Error::Msg(format!(
+                "expected 3 channels, got {c}"
+            ))));
         }
-        let hwc = t.to_dtype(DType::F32)?.permute((1, 2, 0))?.flatten_all()?.to_vec1::<f32>()?;
-        let data = hwc.iter().map(|&x| (x.clamp(0.0, 1.0) * 255.0).round() as u8).collect();
-        Ok(Self { width, height, data })
+        let hwc = t
+            .to_dtype(DType::F32)?
+            .permute((1, 2, 0))?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let data = hwc
+            .iter()
+            .map(|&x| (x.clamp(0.0, 1.0) * 255.0).round() as u8)
+            .collect();
+        Ok(Self {
+            width,
+            height,
+            data,
+        })
     }
 
     /// As a float tensor `[3, H, W]` in [0, 1] on `device`.
     pub fn to_tensor(&self, device: &Device) -> Result<Tensor> {
         let f: Vec<f32> = self.data.iter().map(|&b| b as f32 / 255.0).collect();
-        Ok(Tensor::from_vec(f, (self.height, self.width, 3), device)?.permute((2, 0, 1))?.contiguous()?)
+        Ok(Tensor::from_vec(f, (self.height, self.width, 3), device)?
+            .permute((2, 0, 1))?
+            .contiguous()?)
     }
 
     /// Reads a PNG, JPEG or WebP file (alpha is dropped).
     pub fn load(path: &Path) -> Result<Self> {
-        let err = |reason: String| Error::Image { path: path.to_path_buf(), reason };
+        let err = |reason: String| Error::Image {
+            path: path.to_path_buf(),
+            reason,
+        };
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        let img = image::load_from_memory(&bytes).map_err(|e| err(format!("not a readable image: {e}")))?;
+        let img = image::load_from_memory(&bytes)
+            .map_err(|e| err(format!("not a readable image: {e}")))?;
         let rgb = img.to_rgb8();
-        Ok(Self { width: rgb.width() as usize, height: rgb.height() as usize, data: rgb.into_raw() })
+        Ok(Self {
+            width: rgb.width() as usize,
+            height: rgb.height() as usize,
+            data: rgb.into_raw(),
+        })
     }
 
     /// Encodes as PNG with optional text chunks `(keyword, text)`.
@@ -54,9 +77,11 @@ impl RgbImage {
             enc.set_depth(png::BitDepth::Eight);
             for (key, text) in texts {
                 if text.chars().all(|c| (c as u32) < 256) {
-                    enc.add_text_chunk(key.to_string(), text.to_string()).map_err(png_err)?;
+                    enc.add_text_chunk(key.to_string(), text.to_string())
+                        .map_err(png_err)?;
                 } else {
-                    enc.add_itxt_chunk(key.to_string(), text.to_string()).map_err(png_err)?;
+                    enc.add_itxt_chunk(key.to_string(), text.to_string())
+                        .map_err(png_err)?;
                 }
             }
             let mut w = enc.write_header().map_err(png_err)?;
@@ -79,8 +104,11 @@ pub fn png_texts(bytes: &[u8]) -> Result<Vec<(String, String)>> {
     let dec = png::Decoder::new(std::io::Cursor::new(bytes));
     let reader = dec.read_info().map_err(png_err)?;
     let info = reader.info();
-    let mut out: Vec<(String, String)> =
-        info.uncompressed_latin1_text.iter().map(|t| (t.keyword.clone(), t.text.clone())).collect();
+    let mut out: Vec<(String, String)> = info
+        .uncompressed_latin1_text
+        .iter()
+        .map(|t| (t.keyword.clone(), t.text.clone()))
+        .collect();
     for t in &info.compressed_latin1_text {
         out.push((t.keyword.clone(), t.get_text().map_err(png_err)?));
     }
@@ -100,7 +128,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
     let result = (|| {
         let mut f = std::fs::File::create(&tmp)?;
@@ -121,16 +152,26 @@ mod tests {
 
     #[test]
     fn quantises_like_diffusers_and_round_trips_png_text() -> Result<()> {
-        let t = Tensor::from_vec(vec![0.0f32, 0.5, 1.2, -0.1, 0.998, 0.002], (3, 1, 2), &Device::Cpu)?;
+        let t = Tensor::from_vec(
+            vec![0.0f32, 0.5, 1.2, -0.1, 0.998, 0.002],
+            (3, 1, 2),
+            &Device::Cpu,
+        )?;
         let img = RgbImage::from_tensor(&t)?;
         // pixel 0 = (0.0, 1.2→1, 0.998), pixel 1 = (0.5, -0.1→0, 0.002); round(x·255)
         assert_eq!(img.data, vec![0, 255, 254, 128, 0, 1]);
         let latin = "a cat\nNegative prompt: dog\nSteps: 20, Sampler: Euler a";
         let png = img.to_png(&[("parameters", latin)])?;
-        assert_eq!(png_texts(&png)?, vec![("parameters".to_string(), latin.to_string())]);
+        assert_eq!(
+            png_texts(&png)?,
+            vec![("parameters".to_string(), latin.to_string())]
+        );
         let unicode = "一只猫 🐱";
         let png = img.to_png(&[("parameters", unicode)])?;
-        assert_eq!(png_texts(&png)?, vec![("parameters".to_string(), unicode.to_string())]);
+        assert_eq!(
+            png_texts(&png)?,
+            vec![("parameters".to_string(), unicode.to_string())]
+        );
         Ok(())
     }
 
@@ -141,7 +182,10 @@ mod tests {
         write_atomic(&path, b"old")?;
         // A target inside a missing folder fails and leaves nothing behind.
         assert!(write_atomic(&dir.path().join("missing/out.png"), b"new").is_err());
-        assert_eq!(std::fs::read(&path).map_err(|e| Error::io(&path, e))?, b"old");
+        assert_eq!(
+            std::fs::read(&path).map_err(|e| Error::io(&path, e))?,
+            b"old"
+        );
         Ok(())
     }
 }

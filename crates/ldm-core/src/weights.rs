@@ -53,15 +53,22 @@ impl SafetensorsFile {
         let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
         // SAFETY: the map is read-only; like every mmap reader we rely on the file not being truncated while
         // open (a concurrent writer of checkpoints would be a user error; ldm-rs writes files atomically).
-        let mmap = unsafe { memmap2::MmapOptions::new().map(&file) }.map_err(|e| Error::io(path, e))?;
-        let not_st = |reason: String| Error::NotSafetensors { path: path.to_path_buf(), reason };
+        let mmap =
+            unsafe { memmap2::MmapOptions::new().map(&file) }.map_err(|e| Error::io(path, e))?;
+        let not_st = |reason: String| Error::NotSafetensors {
+            path: path.to_path_buf(),
+            reason,
+        };
         if mmap.len() < 8 {
-            return Err(not_st(format!("{} bytes is too short for a header", mmap.len())));
+            return Err(not_st(format!(
+                "{} bytes is too short for a header",
+                mmap.len()
+            )));
         }
         let mut n_bytes = [0u8; 8];
         n_bytes.copy_from_slice(&mmap[..8]);
         let n = u64::from_le_bytes(n_bytes);
-        if n > 100_000_000 || !mmap.get(8).is_some_and(|&b| b == b'{') {
+        if n > 100_000_000 || mmap.get(8) != Some(&b'{') {
             return Err(not_st("no JSON header at the start".into()));
         }
         let data_start = 8 + n as usize;
@@ -74,7 +81,9 @@ impl SafetensorsFile {
         }
         let header: serde_json::Value = serde_json::from_slice(&mmap[8..data_start])
             .map_err(|e| not_st(format!("header is not valid JSON: {e}")))?;
-        let obj = header.as_object().ok_or_else(|| not_st("header is not a JSON object".into()))?;
+        let obj = header
+            .as_object()
+            .ok_or_else(|| not_st("header is not a JSON object".into()))?;
         let mut tensors = HashMap::new();
         let mut metadata = HashMap::new();
         let mut data_end = 0usize;
@@ -104,7 +113,15 @@ impl SafetensorsFile {
                 )));
             }
             data_end = data_end.max(end);
-            tensors.insert(name.clone(), StoredInfo { dtype, shape: info.shape, start, end });
+            tensors.insert(
+                name.clone(),
+                StoredInfo {
+                    dtype,
+                    shape: info.shape,
+                    start,
+                    end,
+                },
+            );
         }
         if mmap.len() < data_start + data_end {
             return Err(Error::TruncatedSafetensors {
@@ -113,7 +130,13 @@ impl SafetensorsFile {
                 want: (data_start + data_end) as u64,
             });
         }
-        Ok(Self { path: path.to_path_buf(), mmap, data_start, tensors, metadata })
+        Ok(Self {
+            path: path.to_path_buf(),
+            mmap,
+            data_start,
+            tensors,
+            metadata,
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -135,17 +158,27 @@ impl SafetensorsFile {
     /// Reads one tensor onto the CPU in its stored dtype.
     pub fn load(&self, name: &str) -> Result<Tensor> {
         let info = self.tensors.get(name).ok_or_else(|| {
-            Error::Candle(candle_core::Error::CannotFindTensor { path: name.to_string() })
+            Error::Candle(candle_core::Error::CannotFindTensor {
+                path: name.to_string(),
+            })
         })?;
         let bytes = &self.mmap[self.data_start + info.start..self.data_start + info.end];
-        Ok(Tensor::from_raw_buffer(bytes, info.dtype, &info.shape, &Device::Cpu)?)
+        Ok(Tensor::from_raw_buffer(
+            bytes,
+            info.dtype,
+            &info.shape,
+            &Device::Cpu,
+        )?)
     }
 }
 
 /// Where one canonical tensor comes from.
 #[derive(Clone)]
 enum Source {
-    File { file: Arc<SafetensorsFile>, key: String },
+    File {
+        file: Arc<SafetensorsFile>,
+        key: String,
+    },
     Memory(Tensor),
 }
 
@@ -167,7 +200,10 @@ pub struct WeightStore {
 
 impl WeightStore {
     pub fn new(origin: impl Into<String>) -> Self {
-        Self { entries: BTreeMap::new(), origin: origin.into() }
+        Self {
+            entries: BTreeMap::new(),
+            origin: origin.into(),
+        }
     }
 
     /// Adds every tensor of `file` under its own name prefixed by `prefix`.
@@ -178,18 +214,43 @@ impl WeightStore {
     }
 
     /// Adds `file`'s tensor `key` as canonical `canonical`, optionally seen under another shape of the same size.
-    pub fn add_from_file(&mut self, canonical: &str, file: &Arc<SafetensorsFile>, key: &str, reshape: Option<Vec<usize>>) {
-        let (Some(stored), Some(dtype)) = (file.shape(key), file.dtype(key)) else { return };
+    pub fn add_from_file(
+        &mut self,
+        canonical: &str,
+        file: &Arc<SafetensorsFile>,
+        key: &str,
+        reshape: Option<Vec<usize>>,
+    ) {
+        let (Some(stored), Some(dtype)) = (file.shape(key), file.dtype(key)) else {
+            return;
+        };
         let shape = reshape.unwrap_or_else(|| stored.to_vec());
-        let source = Source::File { file: Arc::clone(file), key: key.to_string() };
-        self.entries.insert(canonical.to_string(), Entry { source, shape, dtype });
+        let source = Source::File {
+            file: Arc::clone(file),
+            key: key.to_string(),
+        };
+        self.entries.insert(
+            canonical.to_string(),
+            Entry {
+                source,
+                shape,
+                dtype,
+            },
+        );
     }
 
     /// Adds a tensor that is already in memory (from a `.ckpt`, or computed).
     pub fn insert(&mut self, canonical: &str, tensor: Tensor) {
         let shape = tensor.dims().to_vec();
         let dtype = tensor.dtype();
-        self.entries.insert(canonical.to_string(), Entry { source: Source::Memory(tensor), shape, dtype });
+        self.entries.insert(
+            canonical.to_string(),
+            Entry {
+                source: Source::Memory(tensor),
+                shape,
+                dtype,
+            },
+        );
     }
 
     pub fn origin(&self) -> &str {
@@ -215,19 +276,27 @@ impl WeightStore {
     }
     /// Keys under `prefix`, with the prefix removed.
     pub fn keys_under<'a>(&'a self, prefix: &'a str) -> impl Iterator<Item = &'a str> + 'a {
-        self.entries.keys().filter_map(move |k| k.strip_prefix(prefix))
+        self.entries
+            .keys()
+            .filter_map(move |k| k.strip_prefix(prefix))
     }
 
     /// Loads `key` as `dtype` on `device`, in the shape models see.
     pub fn load(&self, key: &str, dtype: DType, device: &Device) -> Result<Tensor> {
         let entry = self.entries.get(key).ok_or_else(|| {
-            Error::Candle(candle_core::Error::CannotFindTensor { path: key.to_string() })
+            Error::Candle(candle_core::Error::CannotFindTensor {
+                path: key.to_string(),
+            })
         })?;
         let t = match &entry.source {
             Source::File { file, key } => file.load(key)?,
             Source::Memory(t) => t.clone(),
         };
-        let t = if t.dims() != entry.shape.as_slice() { t.reshape(entry.shape.as_slice())? } else { t };
+        let t = if t.dims() != entry.shape.as_slice() {
+            t.reshape(entry.shape.as_slice())?
+        } else {
+            t
+        };
         Ok(t.to_dtype(dtype)?.to_device(device)?)
     }
 }
@@ -254,9 +323,18 @@ impl fmt::Display for LoadReport {
         const SHOW: usize = 8;
         let mut parts = Vec::new();
         if !self.missing.is_empty() {
-            let list: Vec<String> =
-                self.missing.iter().take(SHOW).map(|(k, s)| format!("`{k}` {s:?}")).collect();
-            parts.push(format!("{} missing ({}{})", self.missing.len(), list.join(", "), more(self.missing.len(), SHOW)));
+            let list: Vec<String> = self
+                .missing
+                .iter()
+                .take(SHOW)
+                .map(|(k, s)| format!("`{k}` {s:?}"))
+                .collect();
+            parts.push(format!(
+                "{} missing ({}{})",
+                self.missing.len(),
+                list.join(", "),
+                more(self.missing.len(), SHOW)
+            ));
         }
         if !self.mismatched.is_empty() {
             let list: Vec<String> = self
@@ -265,18 +343,42 @@ impl fmt::Display for LoadReport {
                 .take(SHOW)
                 .map(|(k, want, got)| format!("`{k}` is {got:?}, expected {want:?}"))
                 .collect();
-            parts.push(format!("{} of the wrong shape ({}{})", self.mismatched.len(), list.join(", "), more(self.mismatched.len(), SHOW)));
+            parts.push(format!(
+                "{} of the wrong shape ({}{})",
+                self.mismatched.len(),
+                list.join(", "),
+                more(self.mismatched.len(), SHOW)
+            ));
         }
         if !self.unused.is_empty() {
-            let list: Vec<String> = self.unused.iter().take(SHOW).map(|k| format!("`{k}`")).collect();
-            parts.push(format!("{} unexpected ({}{})", self.unused.len(), list.join(", "), more(self.unused.len(), SHOW)));
+            let list: Vec<String> = self
+                .unused
+                .iter()
+                .take(SHOW)
+                .map(|k| format!("`{k}`"))
+                .collect();
+            parts.push(format!(
+                "{} unexpected ({}{})",
+                self.unused.len(),
+                list.join(", "),
+                more(self.unused.len(), SHOW)
+            ));
         }
-        write!(f, "{}: weights do not fit the model: {}", self.origin, parts.join("; "))
+        write!(
+            f,
+            "{}: weights do not fit the model: {}",
+            self.origin,
+            parts.join("; ")
+        )
     }
 }
 
 fn more(n: usize, shown: usize) -> String {
-    if n > shown { format!(", and {} more", n - shown) } else { String::new() }
+    if n > shown {
+        format!(", and {} more", n - shown)
+    } else {
+        String::new()
+    }
 }
 
 #[derive(Default)]
@@ -298,7 +400,10 @@ pub struct StrictLoader {
 
 impl StrictLoader {
     pub fn new(store: Arc<WeightStore>) -> Self {
-        Self { store, requests: Arc::new(Mutex::new(Requests::default())) }
+        Self {
+            store,
+            requests: Arc::new(Mutex::new(Requests::default())),
+        }
     }
 
     pub fn store(&self) -> &WeightStore {
@@ -317,7 +422,11 @@ impl StrictLoader {
 
     /// Every (key, shape) the models asked for, sorted by key.
     pub fn requested(&self) -> Vec<(String, Option<Vec<usize>>)> {
-        self.requests().asked.iter().map(|(k, s)| (k.clone(), s.clone())).collect()
+        self.requests()
+            .asked
+            .iter()
+            .map(|(k, s)| (k.clone(), s.clone()))
+            .collect()
     }
 
     /// Fails with everything that did not fit. Stored keys under one of `ignore_prefixes` (e.g. `model_ema.`, the
@@ -325,20 +434,35 @@ impl StrictLoader {
     pub fn finish(&self, ignore: &dyn Fn(&str) -> bool) -> std::result::Result<(), LoadReport> {
         let req = self.requests();
         let asked: BTreeSet<&str> = req.asked.keys().map(|s| s.as_str()).collect();
-        let unused: Vec<String> =
-            self.store.keys().filter(|k| !asked.contains(k) && !ignore(k)).map(|k| k.to_string()).collect();
+        let unused: Vec<String> = self
+            .store
+            .keys()
+            .filter(|k| !asked.contains(k) && !ignore(k))
+            .map(|k| k.to_string())
+            .collect();
         let report = LoadReport {
             origin: self.store.origin.clone(),
             missing: req.missing.clone(),
             mismatched: req.mismatched.clone(),
             unused,
         };
-        if report.is_clean() { Ok(()) } else { Err(report) }
+        if report.is_clean() {
+            Ok(())
+        } else {
+            Err(report)
+        }
     }
 }
 
 impl candle_nn::var_builder::SimpleBackend for StrictLoader {
-    fn get(&self, s: Shape, name: &str, _h: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
         let want = s.dims().to_vec();
         let mut req = self.requests();
         req.asked.insert(name.to_string(), Some(want.clone()));
@@ -348,19 +472,24 @@ impl candle_nn::var_builder::SimpleBackend for StrictLoader {
                 Tensor::zeros(s, dtype, dev)
             }
             Some(found) if found != want.as_slice() => {
-                req.mismatched.push((name.to_string(), want, found.to_vec()));
+                req.mismatched
+                    .push((name.to_string(), want, found.to_vec()));
                 Tensor::zeros(s, dtype, dev)
             }
             Some(_) => {
                 drop(req);
-                self.store.load(name, dtype, dev).map_err(|e| candle_core::Error::Msg(e.to_string()))
+                self.store
+                    .load(name, dtype, dev)
+                    .map_err(|e| candle_core::Error::Msg(e.to_string()))
             }
         }
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
         self.requests().asked.insert(name.to_string(), None);
-        self.store.load(name, dtype, dev).map_err(|e| candle_core::Error::Msg(e.to_string()))
+        self.store
+            .load(name, dtype, dev)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))
     }
 
     fn contains_tensor(&self, name: &str) -> bool {

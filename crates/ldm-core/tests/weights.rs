@@ -9,11 +9,19 @@ type R = Result<(), Box<dyn std::error::Error>>;
 
 fn write_file(dir: &std::path::Path) -> Result<std::path::PathBuf, Box<dyn std::error::Error>> {
     let path = dir.join("w.safetensors");
-    let a = Tensor::arange(0f32, 6.0, &Device::Cpu)?.reshape((2, 3))?.to_dtype(DType::F16)?;
+    let a = Tensor::arange(0f32, 6.0, &Device::Cpu)?
+        .reshape((2, 3))?
+        .to_dtype(DType::F16)?;
     let b = Tensor::ones((4,), DType::BF16, &Device::Cpu)?;
     let c = Tensor::arange(0f32, 4.0, &Device::Cpu)?.reshape((2, 2))?;
     candle_core::safetensors::save(
-        &[("net.a".to_string(), a), ("net.b".to_string(), b), ("extra.c".to_string(), c)].into_iter().collect(),
+        &[
+            ("net.a".to_string(), a),
+            ("net.b".to_string(), b),
+            ("extra.c".to_string(), c),
+        ]
+        .into_iter()
+        .collect(),
         &path,
     )?;
     Ok(path)
@@ -28,11 +36,17 @@ fn reads_stored_dtypes_and_converts_on_load() -> R {
     let mut store = WeightStore::new("w.safetensors");
     store.add_file(&file, "");
     let a = store.load("net.a", DType::F32, &Device::Cpu)?;
-    assert_eq!(a.to_vec2::<f32>()?, vec![vec![0.0, 1.0, 2.0], vec![3.0, 4.0, 5.0]]);
+    assert_eq!(
+        a.to_vec2::<f32>()?,
+        vec![vec![0.0, 1.0, 2.0], vec![3.0, 4.0, 5.0]]
+    );
     // A declared reshape (same element count) is what models see.
     store.add_from_file("conv.c", &file, "extra.c", Some(vec![2, 2, 1, 1]));
     assert_eq!(store.shape("conv.c"), Some(&[2usize, 2, 1, 1][..]));
-    assert_eq!(store.load("conv.c", DType::F32, &Device::Cpu)?.dims(), &[2, 2, 1, 1]);
+    assert_eq!(
+        store.load("conv.c", DType::F32, &Device::Cpu)?.dims(),
+        &[2, 2, 1, 1]
+    );
     Ok(())
 }
 
@@ -43,14 +57,18 @@ fn truncated_and_foreign_files_are_named() -> R {
     let bytes = std::fs::read(&path)?;
     let cut = dir.path().join("cut.safetensors");
     std::fs::write(&cut, &bytes[..bytes.len() - 5])?;
-    let err = SafetensorsFile::open(&cut).err().ok_or("truncated file accepted")?;
+    let err = SafetensorsFile::open(&cut)
+        .err()
+        .ok_or("truncated file accepted")?;
     assert!(matches!(err, Error::TruncatedSafetensors { .. }), "{err}");
     assert!(err.to_string().contains("cut.safetensors"), "{err}");
     let text = dir.path().join("notes.safetensors");
     std::fs::write(&text, "hello, this is not a checkpoint")?;
     let err = SafetensorsFile::open(&text).err().ok_or("text accepted")?;
     assert!(matches!(err, Error::NotSafetensors { .. }), "{err}");
-    let err = SafetensorsFile::open(&dir.path().join("absent.safetensors")).err().ok_or("missing file")?;
+    let err = SafetensorsFile::open(&dir.path().join("absent.safetensors"))
+        .err()
+        .ok_or("missing file")?;
     assert!(matches!(err, Error::Io { .. }), "{err}");
     Ok(())
 }
@@ -69,14 +87,26 @@ fn strict_loader_reports_every_problem_at_once() -> R {
     assert_eq!(net.get(5, "b")?.sum_all()?.to_scalar::<f32>()?, 0.0);
     assert_eq!(net.get((7, 7), "absent")?.dims(), &[7, 7]);
     // ...and are all reported together, with `extra.c` unused.
-    let report = loader.finish(&|_| false).err().ok_or("problems not reported")?;
+    let report = loader
+        .finish(&|_| false)
+        .err()
+        .ok_or("problems not reported")?;
     assert_eq!(report.missing, vec![("net.absent".to_string(), vec![7, 7])]);
-    assert_eq!(report.mismatched, vec![("net.b".to_string(), vec![5], vec![4])]);
+    assert_eq!(
+        report.mismatched,
+        vec![("net.b".to_string(), vec![5], vec![4])]
+    );
     assert_eq!(report.unused, vec!["extra.c".to_string()]);
     let msg = report.to_string();
-    assert!(msg.contains("1 missing") && msg.contains("wrong shape") && msg.contains("`extra.c`"), "{msg}");
+    assert!(
+        msg.contains("1 missing") && msg.contains("wrong shape") && msg.contains("`extra.c`"),
+        "{msg}"
+    );
     // An allow-list lets known extras stay unused.
-    let report = loader.finish(&|k| k.starts_with("extra.")).err().ok_or("missing not reported")?;
+    let report = loader
+        .finish(&|k| k.starts_with("extra."))
+        .err()
+        .ok_or("missing not reported")?;
     assert!(report.unused.is_empty());
     Ok(())
 }

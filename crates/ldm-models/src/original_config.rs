@@ -57,7 +57,10 @@ pub enum OriginalTextEncoder {
     /// `ldm.modules.encoders.modules.FrozenCLIPEmbedder` (SD 1.x).
     Clip { num_heads: Option<usize> },
     /// `ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder` (SD 2.x); `layer` is "last" or "penultimate".
-    OpenClip { layer: String, num_heads: Option<usize> },
+    OpenClip {
+        layer: String,
+        num_heads: Option<usize>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -90,14 +93,20 @@ const OPEN_CLIP: &str = "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder";
 
 impl OriginalConfig {
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError::Read { path: path.display().to_string(), reason: e.to_string() })?;
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
         Self::parse(&text, &path.display().to_string())
     }
 
     pub fn parse(text: &str, origin: &str) -> Result<Self> {
-        let bad = |reason: String| ConfigError::Invalid { origin: origin.to_string(), reason };
-        let docs = YamlLoader::load_from_str(text).map_err(|e| bad(format!("not valid YAML: {e}")))?;
+        let bad = |reason: String| ConfigError::Invalid {
+            origin: origin.to_string(),
+            reason,
+        };
+        let docs =
+            YamlLoader::load_from_str(text).map_err(|e| bad(format!("not valid YAML: {e}")))?;
         let root = docs.first().ok_or_else(|| bad("empty YAML".into()))?;
         let model = &root["model"];
         if model.is_badvalue() {
@@ -150,7 +159,9 @@ impl OriginalConfig {
         let cs = &p["cond_stage_config"];
         let text = match cs["target"].as_str() {
             None => None,
-            Some(CLIP) => Some(OriginalTextEncoder::Clip { num_heads: opt_usize(&cs["params"], "num_heads") }),
+            Some(CLIP) => Some(OriginalTextEncoder::Clip {
+                num_heads: opt_usize(&cs["params"], "num_heads"),
+            }),
             Some(OPEN_CLIP) => Some(OriginalTextEncoder::OpenClip {
                 layer: opt_str(&cs["params"], "layer").unwrap_or_else(|| "last".into()),
                 num_heads: opt_usize(&cs["params"], "num_heads"),
@@ -200,7 +211,11 @@ fn usize_list(y: &Yaml, key: &str) -> std::result::Result<Vec<usize>, String> {
     match &y[key] {
         Yaml::Array(items) => items
             .iter()
-            .map(|v| v.as_i64().and_then(|v| usize::try_from(v).ok()).ok_or_else(|| format!("`{key}` holds a non-integer")))
+            .map(|v| {
+                v.as_i64()
+                    .and_then(|v| usize::try_from(v).ok())
+                    .ok_or_else(|| format!("`{key}` holds a non-integer"))
+            })
             .collect(),
         Yaml::BadValue | Yaml::Null => Ok(Vec::new()),
         _ => Err(format!("`{key}` is not a list")),
@@ -272,16 +287,31 @@ model:
         assert_eq!(c.unet.attention_resolutions, vec![4, 2, 1]);
         assert!(c.unet.use_linear_in_transformer);
         assert_eq!(c.first_stage.ch_mult, vec![1, 2, 4, 4]);
-        assert_eq!(c.text, Some(OriginalTextEncoder::OpenClip { layer: "penultimate".into(), num_heads: None }));
+        assert_eq!(
+            c.text,
+            Some(OriginalTextEncoder::OpenClip {
+                layer: "penultimate".into(),
+                num_heads: None
+            })
+        );
         Ok(())
     }
 
     #[test]
     fn unknown_targets_are_named_not_instantiated() {
         let y = V2_V.replace("ldm.models.diffusion.ddpm.LatentDiffusion", "os.system");
-        let e = OriginalConfig::parse(&y, "evil.yaml").err().map(|e| e.to_string()).unwrap_or_default();
-        assert!(e.contains("unknown model target `os.system`") && e.contains("evil.yaml"), "{e}");
-        let e = OriginalConfig::parse("model: [", "broken.yaml").err().map(|e| e.to_string()).unwrap_or_default();
+        let e = OriginalConfig::parse(&y, "evil.yaml")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            e.contains("unknown model target `os.system`") && e.contains("evil.yaml"),
+            "{e}"
+        );
+        let e = OriginalConfig::parse("model: [", "broken.yaml")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
         assert!(e.contains("not valid YAML"), "{e}");
     }
 }

@@ -6,7 +6,10 @@ pub type Result<T> = std::result::Result<T, PipelineError>;
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: not a checkpoint: {reason}")]
     NotACheckpoint { path: PathBuf, reason: String },
     #[error("{path}: {reason}")]
@@ -29,9 +32,15 @@ pub enum PipelineError {
 
 impl PipelineError {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        PipelineError::Io { path: path.into(), source }
+        PipelineError::Io {
+            path: path.into(),
+            source,
+        }
     }
     pub fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
-        PipelineError::Invalid { field, reason: reason.into() }
+        PipelineError::Invalid {
+            field,
+            reason: reason.into(),
+        }
     }
 }

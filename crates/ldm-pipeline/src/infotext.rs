@@ -12,7 +12,10 @@ pub fn infotext(prompt: &str, negative_prompt: &str, fields: &[Field]) -> String
         out.push_str("\nNegative prompt: ");
         out.push_str(negative_prompt);
     }
-    let line: Vec<String> = fields.iter().map(|(k, v)| format!("{k}: {}", quote(v))).collect();
+    let line: Vec<String> = fields
+        .iter()
+        .map(|(k, v)| format!("{k}: {}", quote(v)))
+        .collect();
     out.push('\n');
     out.push_str(&line.join(", "));
     out
@@ -28,7 +31,11 @@ fn quote(v: &str) -> String {
 
 /// A number as Python's `str(float)` would print the values A1111 writes (7.0 → "7.0", 7.5 → "7.5").
 pub fn py_float(x: f64) -> String {
-    if x.fract() == 0.0 && x.abs() < 1e16 { format!("{x:.1}") } else { format!("{x}") }
+    if x.fract() == 0.0 && x.abs() < 1e16 {
+        format!("{x:.1}")
+    } else {
+        format!("{x}")
+    }
 }
 
 #[cfg(test)]

@@ -3,12 +3,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use ldm_core::weights::{SafetensorsFile, WeightStore};
+use ldm_models::autoencoder::{AutoencoderKlConfig, DdConfig};
 use ldm_models::import::{self, Conversion, KeyMap};
 use ldm_models::original_config::OriginalConfig;
 use ldm_models::text::{Activation, TextConfig, TextLayout, TextOutput};
 use ldm_models::tokenizer::{ClipTokenizer, Pad};
 use ldm_models::unet::{HeadSpec, UnetConfig};
-use ldm_models::autoencoder::{AutoencoderKlConfig, DdConfig};
 use ldm_sampling::{PredictionType, SchedulerConfig};
 
 use crate::error::{PipelineError, Result};
@@ -31,8 +31,12 @@ impl ConfigOverride {
         use PredictionType::{Epsilon, VPrediction};
         match value {
             "sd1" | "v1-inference" | "v1-inference.yaml" => Self::Preset(Family::Sd1, None),
-            "sd2-base" | "v2-inference" | "v2-inference.yaml" => Self::Preset(Family::Sd2, Some(Epsilon)),
-            "sd2-v" | "v2-inference-v" | "v2-inference-v.yaml" => Self::Preset(Family::Sd2, Some(VPrediction)),
+            "sd2-base" | "v2-inference" | "v2-inference.yaml" => {
+                Self::Preset(Family::Sd2, Some(Epsilon))
+            }
+            "sd2-v" | "v2-inference-v" | "v2-inference-v.yaml" => {
+                Self::Preset(Family::Sd2, Some(VPrediction))
+            }
             _ => Self::Yaml(PathBuf::from(value)),
         }
     }
@@ -71,19 +75,33 @@ pub fn open(path: &Path, config: Option<&ConfigOverride>) -> Result<Opened> {
     }
 }
 
-fn finish_single_file(form: CheckpointForm, store: WeightStore, config: Option<&ConfigOverride>) -> Result<Opened> {
+fn finish_single_file(
+    form: CheckpointForm,
+    store: WeightStore,
+    config: Option<&ConfigOverride>,
+) -> Result<Opened> {
     let path = form.path().to_path_buf();
-    let family = detect_family(&store).map_err(|reason| PipelineError::Unsupported { path: path.clone(), reason })?;
+    let family = detect_family(&store).map_err(|reason| PipelineError::Unsupported {
+        path: path.clone(),
+        reason,
+    })?;
     let mismatch = |described: Family| PipelineError::Unsupported {
         path: path.clone(),
-        reason: format!("the config describes {} but the weights are {}", described.name(), family.name()),
+        reason: format!(
+            "the config describes {} but the weights are {}",
+            described.name(),
+            family.name()
+        ),
     };
     let from_yaml = |y: &Path| -> Result<(ModelSpec, String)> {
         let cfg = OriginalConfig::load(y)?;
         if let Some(described) = crate::spec::original_family(&cfg).filter(|f| *f != family) {
             return Err(mismatch(described));
         }
-        Ok((ModelSpec::from_original(&cfg, &store, &y.display().to_string())?, y.display().to_string()))
+        Ok((
+            ModelSpec::from_original(&cfg, &store, &y.display().to_string())?,
+            y.display().to_string(),
+        ))
     };
     let beside = path.with_extension("yaml");
     let (spec, config_source) = match config {
@@ -97,17 +115,28 @@ fn finish_single_file(form: CheckpointForm, store: WeightStore, config: Option<&
         }
         Some(ConfigOverride::Yaml(y)) => from_yaml(y)?,
         None if beside.is_file() => from_yaml(&beside)?,
-        None => (ModelSpec::preset(family, &store)?, format!("preset {} (detected)", family.name())),
+        None => (
+            ModelSpec::preset(family, &store)?,
+            format!("preset {} (detected)", family.name()),
+        ),
     };
     let tokenizer = builtin_tokenizer(family)?;
-    Ok(Opened { form, store: Arc::new(store), spec, tokenizer, config_source })
+    Ok(Opened {
+        form,
+        store: Arc::new(store),
+        spec,
+        tokenizer,
+        config_source,
+    })
 }
 
 fn builtin_tokenizer(family: Family) -> Result<ClipTokenizer> {
     let t = ClipTokenizer::builtin();
     match family {
         Family::Sd1 => Ok(t),
-        Family::Sd2 => t.with_padding(Pad::sd2()).map_err(|e| PipelineError::Model(e.to_string())),
+        Family::Sd2 => t
+            .with_padding(Pad::sd2())
+            .map_err(|e| PipelineError::Model(e.to_string())),
     }
 }
 
@@ -122,7 +151,10 @@ fn add_mapped(store: &mut WeightStore, path: &Path, map: &KeyMap) -> Result<()> 
                     Conversion::Identity => None,
                     Conversion::Reshape => Some(e.canonical_shape.clone()),
                     Conversion::RowBlock { .. } => {
-                        return Err(PipelineError::Model(format!("{}: `{name}` needs a fused tensor", path.display())))
+                        return Err(PipelineError::Model(format!(
+                            "{}: `{name}` needs a fused tensor",
+                            path.display()
+                        )))
                     }
                 };
                 store.add_from_file(&e.canonical, &file, name, reshape);
@@ -144,7 +176,8 @@ fn add_mapped(store: &mut WeightStore, path: &Path, map: &KeyMap) -> Result<()> 
 }
 
 fn open_diffusers(dir: &Path, form: CheckpointForm) -> Result<Opened> {
-    let model_err = |e: import::ImportError| PipelineError::Model(format!("{}: {e}", dir.display()));
+    let model_err =
+        |e: import::ImportError| PipelineError::Model(format!("{}: {e}", dir.display()));
     let unet_files = import::component_files(dir, "unet").map_err(model_err)?;
     let vae_files = import::component_files(dir, "vae").map_err(model_err)?;
     let text_files = import::component_files(dir, "text_encoder").map_err(model_err)?;
@@ -156,9 +189,15 @@ fn open_diffusers(dir: &Path, form: CheckpointForm) -> Result<Opened> {
     let ca = text_cfg.arch().map_err(model_err)?;
 
     let mut store = WeightStore::new(dir.display().to_string());
-    let unet_map = import::unet_key_map_for(&ua).map_err(model_err)?.with_canonical_prefix(import::UNET_PREFIX);
-    let vae_map = import::vae_key_map_for(&va).map_err(model_err)?.with_canonical_prefix(import::VAE_PREFIX);
-    let clip_map = import::clip_key_map_for(&ca).map_err(model_err)?.with_canonical_prefix(import::CLIP_PREFIX);
+    let unet_map = import::unet_key_map_for(&ua)
+        .map_err(model_err)?
+        .with_canonical_prefix(import::UNET_PREFIX);
+    let vae_map = import::vae_key_map_for(&va)
+        .map_err(model_err)?
+        .with_canonical_prefix(import::VAE_PREFIX);
+    let clip_map = import::clip_key_map_for(&ca)
+        .map_err(model_err)?
+        .with_canonical_prefix(import::CLIP_PREFIX);
     add_mapped(&mut store, &unet_files.weights, &unet_map)?;
     add_mapped(&mut store, &vae_files.weights, &vae_map)?;
     add_mapped(&mut store, &text_files.weights, &clip_map)?;
@@ -168,7 +207,9 @@ fn open_diffusers(dir: &Path, form: CheckpointForm) -> Result<Opened> {
             Some(&x) if v.iter().all(|&y| y == x) => Ok(x),
             _ => Err(PipelineError::Unsupported {
                 path: dir.to_path_buf(),
-                reason: format!("per-level {what} {v:?} (ldm-rs's UNet takes one value for all levels)"),
+                reason: format!(
+                    "per-level {what} {v:?} (ldm-rs's UNet takes one value for all levels)"
+                ),
             }),
         }
     };
@@ -188,7 +229,8 @@ fn open_diffusers(dir: &Path, form: CheckpointForm) -> Result<Opened> {
         use_linear_in_transformer: ua.linear_projection,
         num_groups: ua.norm_groups,
     };
-    unet.validate().map_err(|e| PipelineError::Model(format!("{}: {e}", dir.display())))?;
+    unet.validate()
+        .map_err(|e| PipelineError::Model(format!("{}: {e}", dir.display())))?;
     let vae = AutoencoderKlConfig {
         embed_dim: va.embed_dim,
         ddconfig: DdConfig {
@@ -220,7 +262,8 @@ fn open_diffusers(dir: &Path, form: CheckpointForm) -> Result<Opened> {
     };
     let sched_path = dir.join("scheduler/scheduler_config.json");
     let scheduler = if sched_path.is_file() {
-        let text = std::fs::read_to_string(&sched_path).map_err(|e| PipelineError::io(&sched_path, e))?;
+        let text =
+            std::fs::read_to_string(&sched_path).map_err(|e| PipelineError::io(&sched_path, e))?;
         SchedulerConfig::from_json_str(&text)
             .map_err(|e| PipelineError::Model(format!("{}: {e}", sched_path.display())))?
     } else {
@@ -228,7 +271,8 @@ fn open_diffusers(dir: &Path, form: CheckpointForm) -> Result<Opened> {
     };
     let tok_dir = dir.join("tokenizer");
     let tokenizer = if tok_dir.is_dir() {
-        ClipTokenizer::from_dir_or_builtin(&tok_dir).map_err(|e| PipelineError::Model(format!("{}: {e}", tok_dir.display())))?
+        ClipTokenizer::from_dir_or_builtin(&tok_dir)
+            .map_err(|e| PipelineError::Model(format!("{}: {e}", tok_dir.display())))?
     } else {
         builtin_tokenizer(family)?
     };
@@ -242,5 +286,11 @@ fn open_diffusers(dir: &Path, form: CheckpointForm) -> Result<Opened> {
         scheduler,
         text_prefix: CLIP_PREFIX.to_string(),
     };
-    Ok(Opened { form, store: Arc::new(store), spec, tokenizer, config_source: format!("{}/*/config.json", dir.display()) })
+    Ok(Opened {
+        form,
+        store: Arc::new(store),
+        spec,
+        tokenizer,
+        config_source: format!("{}/*/config.json", dir.display()),
+    })
 }

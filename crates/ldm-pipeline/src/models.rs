@@ -32,12 +32,21 @@ impl SdModels {
         let vb = loader.var_builder(dtype, device);
         let spec = opened.spec;
         let model = |e: candle_core::Error| PipelineError::Model(e.to_string());
-        let text = TextTransformer::load(vb.pp(&spec.text_prefix), &spec.text, spec.text_layout).map_err(model)?;
+        let text = TextTransformer::load(vb.pp(&spec.text_prefix), &spec.text, spec.text_layout)
+            .map_err(model)?;
         let unet = Unet::new(vb.pp(UNET_PREFIX), &spec.unet).map_err(model)?;
         let vae = AutoencoderKl::new(&spec.vae, vb.pp(VAE_PREFIX)).map_err(model)?;
         let single_file = !matches!(opened.form, CheckpointForm::Diffusers(_));
         loader.finish(&|k| single_file && ignorable_single_file_key(&spec, k))?;
-        Ok(Self { spec, tokenizer: opened.tokenizer, text, unet, vae, device: device.clone(), dtype })
+        Ok(Self {
+            spec,
+            tokenizer: opened.tokenizer,
+            text,
+            unet,
+            vae,
+            device: device.clone(),
+            dtype,
+        })
     }
 
     /// Token ids of `prompt`, padded/truncated to the text model's context length.
@@ -53,7 +62,11 @@ impl SdModels {
         for p in prompts {
             ids.extend(self.token_ids(p)?);
         }
-        let ids = Tensor::from_vec(ids, (prompts.len(), self.spec.text.max_positions), &self.device)?;
+        let ids = Tensor::from_vec(
+            ids,
+            (prompts.len(), self.spec.text.max_positions),
+            &self.device,
+        )?;
         Ok(self.text.forward(&ids)?)
     }
 }

@@ -86,29 +86,50 @@ impl GenerateRequest {
             return Err(PipelineError::invalid("steps", "must be at least 1"));
         }
         if self.steps > MAX_STEPS {
-            return Err(PipelineError::invalid("steps", format!("{} is more than {MAX_STEPS}", self.steps)));
+            return Err(PipelineError::invalid(
+                "steps",
+                format!("{} is more than {MAX_STEPS}", self.steps),
+            ));
         }
         if self.batch == 0 || self.batch > MAX_BATCH {
-            return Err(PipelineError::invalid("batch", format!("{} is not in 1..={MAX_BATCH}", self.batch)));
+            return Err(PipelineError::invalid(
+                "batch",
+                format!("{} is not in 1..={MAX_BATCH}", self.batch),
+            ));
         }
         if !self.cfg_scale.is_finite() || self.cfg_scale < 0.0 {
-            return Err(PipelineError::invalid("cfg-scale", format!("{} is not a finite number >= 0", self.cfg_scale)));
+            return Err(PipelineError::invalid(
+                "cfg-scale",
+                format!("{} is not a finite number >= 0", self.cfg_scale),
+            ));
         }
         if !self.eta.is_finite() || self.eta < 0.0 {
-            return Err(PipelineError::invalid("eta", format!("{} is not a finite number >= 0", self.eta)));
+            return Err(PipelineError::invalid(
+                "eta",
+                format!("{} is not a finite number >= 0", self.eta),
+            ));
         }
         if self.karras && !sampler.supports_karras() {
-            return Err(PipelineError::invalid("karras", format!("the {} sampler has no Karras schedule", sampler.name())));
+            return Err(PipelineError::invalid(
+                "karras",
+                format!("the {} sampler has no Karras schedule", sampler.name()),
+            ));
         }
         let m = spec.size_multiple();
         let default_side = 64 * spec.vae_factor();
         let side = |v: Option<usize>, field: &'static str| -> Result<usize> {
             let v = v.unwrap_or(default_side);
             if v == 0 || v > MAX_SIDE {
-                return Err(PipelineError::invalid(field, format!("{v} is not in 1..={MAX_SIDE}")));
+                return Err(PipelineError::invalid(
+                    field,
+                    format!("{v} is not in 1..={MAX_SIDE}"),
+                ));
             }
-            if v % m != 0 {
-                return Err(PipelineError::invalid(field, format!("{v} is not a multiple of {m} (this model's f × UNet downsampling)")));
+            if !v.is_multiple_of(m) {
+                return Err(PipelineError::invalid(
+                    field,
+                    format!("{v} is not a multiple of {m} (this model's f × UNet downsampling)"),
+                ));
             }
             Ok(v)
         };
@@ -143,5 +164,9 @@ pub fn a1111_sampler_name(kind: SamplerKind, karras: bool) -> String {
         SamplerKind::Lms => "LMS",
         SamplerKind::DpmPp2m => "DPM++ 2M",
     };
-    if karras { format!("{base} Karras") } else { base.to_string() }
+    if karras {
+        format!("{base} Karras")
+    } else {
+        base.to_string()
+    }
 }

@@ -47,6 +47,13 @@ pub fn detect_form(path: &Path) -> Result<CheckpointForm> {
     if head.starts_with(b"PK\x03\x04") || head.starts_with(&[0x80, 0x02]) {
         return Ok(CheckpointForm::Ckpt(path.to_path_buf()));
     }
-    let reason = if n == 0 { "the file is empty".to_string() } else { "neither safetensors nor a PyTorch checkpoint".to_string() };
-    Err(PipelineError::NotACheckpoint { path: path.to_path_buf(), reason })
+    let reason = if n == 0 {
+        "the file is empty".to_string()
+    } else {
+        "neither safetensors nor a PyTorch checkpoint".to_string()
+    };
+    Err(PipelineError::NotACheckpoint {
+        path: path.to_path_buf(),
+        reason,
+    })
 }

@@ -72,7 +72,11 @@ impl ModelSpec {
             PredictionType::Epsilon => "eps",
             PredictionType::VPrediction => "v",
         };
-        let kind = if self.is_inpainting() { " inpainting" } else { "" };
+        let kind = if self.is_inpainting() {
+            " inpainting"
+        } else {
+            ""
+        };
         format!("{}{kind}, {pred}-prediction", self.family.name())
     }
 }
@@ -94,16 +98,27 @@ pub fn detect_family(store: &WeightStore) -> std::result::Result<Family, String>
     if store.contains(&format!("{OPEN_CLIP_PREFIX}.token_embedding.weight")) {
         return Ok(Family::Sd2);
     }
-    if store.keys().any(|k| k.starts_with("conditioner.embedders.")) {
-        return Err("an SDXL checkpoint (conditioner.embedders.*), which ldm-rs does not support yet".into());
+    if store
+        .keys()
+        .any(|k| k.starts_with("conditioner.embedders."))
+    {
+        return Err(
+            "an SDXL checkpoint (conditioner.embedders.*), which ldm-rs does not support yet"
+                .into(),
+        );
     }
-    if store.keys().any(|k| k.starts_with("model.diffusion_model.")) {
+    if store
+        .keys()
+        .any(|k| k.starts_with("model.diffusion_model."))
+    {
         return Err("a latent diffusion model without a known text encoder (no cond_stage_model.transformer.text_model.* \
                     or cond_stage_model.model.*)"
             .into());
     }
     let first: Vec<&str> = store.keys().take(3).collect();
-    Err(format!("no Stable Diffusion weights found (no model.diffusion_model.*; first keys: {first:?})"))
+    Err(format!(
+        "no Stable Diffusion weights found (no model.diffusion_model.*; first keys: {first:?})"
+    ))
 }
 
 fn text_config(
@@ -120,7 +135,9 @@ fn text_config(
 }
 
 fn unet_in_channels(store: &WeightStore) -> Option<usize> {
-    store.shape(&format!("{UNET_PREFIX}.input_blocks.0.0.weight")).and_then(|s| s.get(1).copied())
+    store
+        .shape(&format!("{UNET_PREFIX}.input_blocks.0.0.weight"))
+        .and_then(|s| s.get(1).copied())
 }
 
 impl ModelSpec {
@@ -129,10 +146,20 @@ impl ModelSpec {
     /// (the 768-v models are the common SD 2.x files); `--config v2-inference` selects ε for the 512 base models.
     pub fn preset(family: Family, store: &WeightStore) -> Result<Self> {
         let (mut unet, layout, prefix, activation, output) = match family {
-            Family::Sd1 => (UnetConfig::sd_v1(), TextLayout::Hf, CLIP_PREFIX, Activation::QuickGelu, TextOutput::Last),
-            Family::Sd2 => {
-                (UnetConfig::sd_v2(), TextLayout::OpenClip, OPEN_CLIP_PREFIX, Activation::Gelu, TextOutput::PENULTIMATE)
-            }
+            Family::Sd1 => (
+                UnetConfig::sd_v1(),
+                TextLayout::Hf,
+                CLIP_PREFIX,
+                Activation::QuickGelu,
+                TextOutput::Last,
+            ),
+            Family::Sd2 => (
+                UnetConfig::sd_v2(),
+                TextLayout::OpenClip,
+                OPEN_CLIP_PREFIX,
+                Activation::Gelu,
+                TextOutput::PENULTIMATE,
+            ),
         };
         if let Some(c) = unet_in_channels(store) {
             unet.in_channels = c;
@@ -162,11 +189,15 @@ impl ModelSpec {
         } else if u.num_heads > 0 {
             HeadSpec::Count(u.num_heads as usize)
         } else {
-            return Err(bad("unet_config gives neither num_heads nor num_head_channels".into()));
+            return Err(bad(
+                "unet_config gives neither num_heads nor num_head_channels".into(),
+            ));
         };
-        let attention_levels =
-            UnetConfig::attention_levels_from_resolutions(&u.attention_resolutions, u.channel_mult.len())
-                .map_err(|e| bad(e.to_string()))?;
+        let attention_levels = UnetConfig::attention_levels_from_resolutions(
+            &u.attention_resolutions,
+            u.channel_mult.len(),
+        )
+        .map_err(|e| bad(e.to_string()))?;
         let unet = UnetConfig {
             in_channels: u.in_channels,
             out_channels: u.out_channels,
@@ -176,7 +207,9 @@ impl ModelSpec {
             attention_levels,
             heads,
             transformer_depth: u.transformer_depth,
-            context_dim: u.context_dim.ok_or_else(|| bad("unet_config has no context_dim".into()))?,
+            context_dim: u
+                .context_dim
+                .ok_or_else(|| bad("unet_config has no context_dim".into()))?,
             use_linear_in_transformer: u.use_linear_in_transformer,
             num_groups: 32,
         };
@@ -198,18 +231,34 @@ impl ModelSpec {
             },
         };
         let (family, layout, prefix, activation, output, heads) = match &cfg.text {
-            Some(OriginalTextEncoder::Clip { num_heads }) => {
-                (Family::Sd1, TextLayout::Hf, CLIP_PREFIX, Activation::QuickGelu, TextOutput::Last, *num_heads)
-            }
+            Some(OriginalTextEncoder::Clip { num_heads }) => (
+                Family::Sd1,
+                TextLayout::Hf,
+                CLIP_PREFIX,
+                Activation::QuickGelu,
+                TextOutput::Last,
+                *num_heads,
+            ),
             Some(OriginalTextEncoder::OpenClip { layer, num_heads }) => {
                 let output = match layer.as_str() {
                     "last" => TextOutput::Last,
                     "penultimate" => TextOutput::PENULTIMATE,
                     other => return Err(bad(format!("unknown OpenCLIP layer `{other}`"))),
                 };
-                (Family::Sd2, TextLayout::OpenClip, OPEN_CLIP_PREFIX, Activation::Gelu, output, *num_heads)
+                (
+                    Family::Sd2,
+                    TextLayout::OpenClip,
+                    OPEN_CLIP_PREFIX,
+                    Activation::Gelu,
+                    output,
+                    *num_heads,
+                )
             }
-            None => return Err(bad("no cond_stage_config: ldm-rs's txt2img needs a text encoder".into())),
+            None => {
+                return Err(bad(
+                    "no cond_stage_config: ldm-rs's txt2img needs a text encoder".into(),
+                ))
+            }
         };
         let text = text_config(store, prefix, layout, heads, activation, output)?;
         let scheduler = SchedulerConfig {
@@ -254,10 +303,15 @@ pub fn ignorable_single_file_key(spec: &ModelSpec, key: &str) -> bool {
         "posterior_mean_coef2",
         "logvar",
     ];
-    if SCHEDULE_BUFFERS.contains(&key) || key.starts_with("model_ema.") || key.starts_with("first_stage_model.loss.") {
+    if SCHEDULE_BUFFERS.contains(&key)
+        || key.starts_with("model_ema.")
+        || key.starts_with("first_stage_model.loss.")
+    {
         return true;
     }
-    let Some(rest) = key.strip_prefix(&format!("{}.", spec.text_prefix)) else { return false };
+    let Some(rest) = key.strip_prefix(&format!("{}.", spec.text_prefix)) else {
+        return false;
+    };
     match spec.text_layout {
         TextLayout::Hf => rest == "embeddings.position_ids",
         TextLayout::OpenClip => {

@@ -43,16 +43,31 @@ pub struct Generated {
 pub type Progress<'a> = &'a mut dyn FnMut(usize, usize);
 
 /// The initial unit-variance noise for `req`: the user's file, or one draw from `rng`.
-pub fn initial_noise(models: &SdModels, req: &ValidRequest, rng: &mut dyn NoiseRng) -> Result<Tensor> {
+pub fn initial_noise(
+    models: &SdModels,
+    req: &ValidRequest,
+    rng: &mut dyn NoiseRng,
+) -> Result<Tensor> {
     let f = models.spec.vae_factor();
-    let shape = [req.batch, models.spec.latent_channels(), req.height / f, req.width / f];
+    let shape = [
+        req.batch,
+        models.spec.latent_channels(),
+        req.height / f,
+        req.width / f,
+    ];
     match &req.noise {
         Some(path) => {
-            let npy = ldm_core::npy::read_npy_f32(path).map_err(|e| PipelineError::invalid("noise", e.to_string()))?;
+            let npy = ldm_core::npy::read_npy_f32(path)
+                .map_err(|e| PipelineError::invalid("noise", e.to_string()))?;
             if npy.shape != shape {
                 return Err(PipelineError::invalid(
                     "noise",
-                    format!("{} has shape {:?}, this request needs {:?}", path.display(), npy.shape, shape),
+                    format!(
+                        "{} has shape {:?}, this request needs {:?}",
+                        path.display(),
+                        npy.shape,
+                        shape
+                    ),
                 ));
             }
             Ok(Tensor::from_vec(npy.data, &shape, &models.device)?)
@@ -67,21 +82,47 @@ pub fn initial_noise(models: &SdModels, req: &ValidRequest, rng: &mut dyn NoiseR
 /// Runs txt2img for `req`; `progress` is called after every model evaluation.
 pub fn txt2img(models: &SdModels, req: &ValidRequest, progress: Progress<'_>) -> Result<Generated> {
     if models.spec.is_inpainting() {
-        return Err(PipelineError::invalid("model", "txt2img needs a plain (4-channel) model, not an inpainting one"));
+        return Err(PipelineError::invalid(
+            "model",
+            "txt2img needs a plain (4-channel) model, not an inpainting one",
+        ));
     }
-    let plan = prepare(req.sampler, &models.spec.scheduler, req.steps, req.karras, req.eta)
-        .map_err(|e| PipelineError::invalid("sampler", e.to_string()))?;
+    let plan = prepare(
+        req.sampler,
+        &models.spec.scheduler,
+        req.steps,
+        req.karras,
+        req.eta,
+    )
+    .map_err(|e| PipelineError::invalid("sampler", e.to_string()))?;
     let mut rng = TorchRng::new(req.seed);
     let noise = initial_noise(models, req, &mut rng)?;
     let b = req.batch;
-    let cond = models.encode_prompts(&[req.prompt.as_str()])?.repeat((b, 1, 1))?;
+    let cond = models
+        .encode_prompts(&[req.prompt.as_str()])?
+        .repeat((b, 1, 1))?;
     let latents = if guidance_enabled(req.cfg_scale) {
-        let uncond = models.encode_prompts(&[req.negative_prompt.as_str()])?.repeat((b, 1, 1))?;
+        let uncond = models
+            .encode_prompts(&[req.negative_prompt.as_str()])?
+            .repeat((b, 1, 1))?;
         let context = Tensor::cat(&[&uncond, &cond], 0)?;
-        let model = Cfg { inner: UnetPredictor { models, context }, scale: req.cfg_scale };
+        let model = Cfg {
+            inner: UnetPredictor { models, context },
+            scale: req.cfg_scale,
+        };
         sample(&plan, models, model, &noise, &mut rng, progress)?
     } else {
-        sample(&plan, models, UnetPredictor { models, context: cond }, &noise, &mut rng, progress)?
+        sample(
+            &plan,
+            models,
+            UnetPredictor {
+                models,
+                context: cond,
+            },
+            &noise,
+            &mut rng,
+            progress,
+        )?
     };
     let images = decode(models, &latents)?;
     Ok(Generated { latents, images })
@@ -97,7 +138,8 @@ fn sample<P: NoisePredictor>(
 ) -> Result<Tensor> {
     let denoiser = denoiser_for(models.spec.prediction(), model);
     let mut on_step = |s: Step<'_>| progress(s.index + 1, s.total);
-    run(plan, denoiser.as_ref(), noise, rng, &mut on_step).map_err(|e| PipelineError::Model(e.to_string()))
+    run(plan, denoiser.as_ref(), noise, rng, &mut on_step)
+        .map_err(|e| PipelineError::Model(e.to_string()))
 }
 
 /// Latents in UNet space → images in [0, 1].

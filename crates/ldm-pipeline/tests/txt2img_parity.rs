@@ -12,7 +12,9 @@ use serde::Deserialize;
 type R<T = ()> = Result<T, Box<dyn std::error::Error>>;
 
 fn fixture(p: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures").join(p)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures")
+        .join(p)
 }
 
 #[derive(Deserialize)]
@@ -42,25 +44,42 @@ fn max_ratio(got: &Tensor, want: &Tensor, rel: f32, abs: f32) -> R<f32> {
     assert_eq!(got.dims(), want.dims());
     let g = got.flatten_all()?.to_vec1::<f32>()?;
     let w = want.flatten_all()?.to_vec1::<f32>()?;
-    Ok(g.iter().zip(&w).map(|(a, b)| (a - b).abs() / (rel * (a + b).abs()).max(abs)).fold(0.0, f32::max))
+    Ok(g.iter()
+        .zip(&w)
+        .map(|(a, b)| (a - b).abs() / (rel * (a + b).abs()).max(abs))
+        .fold(0.0, f32::max))
 }
 
 fn max_abs(got: &Tensor, want: &Tensor) -> R<f32> {
-    Ok((got - want)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
+    Ok((got - want)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f32>()?)
 }
 
 /// Runs every txt2img case of `model_dir` on the checkpoint `form` (a path relative to the model dir).
 fn check_model(model_dir: &str, form: &str) -> R {
-    let cases: Cases = serde_json::from_str(&std::fs::read_to_string(fixture(&format!("{model_dir}/cases.json")))?)?;
-    let refs: HashMap<String, Tensor> =
-        candle_core::safetensors::load(fixture(&format!("{model_dir}/ref.safetensors")), &Device::Cpu)?;
-    let models = SdModels::build(open(&fixture(&format!("{model_dir}/{form}")), None)?, &Device::Cpu)?;
+    let cases: Cases = serde_json::from_str(&std::fs::read_to_string(fixture(&format!(
+        "{model_dir}/cases.json"
+    )))?)?;
+    let refs: HashMap<String, Tensor> = candle_core::safetensors::load(
+        fixture(&format!("{model_dir}/ref.safetensors")),
+        &Device::Cpu,
+    )?;
+    let models = SdModels::build(
+        open(&fixture(&format!("{model_dir}/{form}")), None)?,
+        &Device::Cpu,
+    )?;
 
     // The text contexts first: a wrong tokenizer or text encoder shows here before it shows in the images.
     let prompts: Vec<&str> = cases.text_prompts.iter().map(|s| s.as_str()).collect();
     let hidden = models.encode_prompts(&prompts)?;
     let r = max_ratio(&hidden, &refs["text.hidden"], 1e-4, 1e-5)?;
-    assert!(r <= 1.0, "{model_dir}/{form}: text hidden states off by {r}× tolerance");
+    assert!(
+        r <= 1.0,
+        "{model_dir}/{form}: text hidden states off by {r}× tolerance"
+    );
 
     let dir = tempfile::tempdir()?;
     let mut worst = (0f32, 0f32);
@@ -90,10 +109,23 @@ fn check_model(model_dir: &str, form: &str) -> R {
             noise,
         };
         let out = txt2img(&models, &req, &mut |_, _| {})?;
-        let lat = max_ratio(&out.latents, &refs[&format!("txt2img.{}.latents", c.name)], 1e-3, 1e-3)?;
+        let lat = max_ratio(
+            &out.latents,
+            &refs[&format!("txt2img.{}.latents", c.name)],
+            1e-3,
+            1e-3,
+        )?;
         let img = max_abs(&out.images, &refs[&format!("txt2img.{}.image", c.name)])? * 255.0;
-        assert!(lat <= 1.0, "{model_dir}/{form} case {}: latents off by {lat}× tolerance", c.name);
-        assert!(img <= 2.0, "{model_dir}/{form} case {}: image off by {img}/255", c.name);
+        assert!(
+            lat <= 1.0,
+            "{model_dir}/{form} case {}: latents off by {lat}× tolerance",
+            c.name
+        );
+        assert!(
+            img <= 2.0,
+            "{model_dir}/{form} case {}: image off by {img}/255",
+            c.name
+        );
         worst = (worst.0.max(lat), worst.1.max(img));
     }
     eprintln!(
@@ -130,7 +162,6 @@ fn sd2v_diffusers_folder_matches_diffusers() -> R {
     check_model("sd2v-tiny", "diffusers")
 }
 
-
 /// The three forms of one checkpoint hold the same numbers, so they must give bit-identical results.
 #[test]
 fn single_file_ckpt_and_diffusers_folder_give_identical_images() -> R {
@@ -149,12 +180,23 @@ fn single_file_ckpt_and_diffusers_folder_give_identical_images() -> R {
         noise: None,
     };
     let run = |form: &str| -> R<Vec<f32>> {
-        let models = SdModels::build(open(&fixture(&format!("sd1-tiny/{form}")), None)?, &Device::Cpu)?;
+        let models = SdModels::build(
+            open(&fixture(&format!("sd1-tiny/{form}")), None)?,
+            &Device::Cpu,
+        )?;
         let out = txt2img(&models, &req, &mut |_, _| {})?;
         Ok(out.images.flatten_all()?.to_vec1::<f32>()?)
     };
     let single = run("model.safetensors")?;
-    assert_eq!(single, run("model.ckpt")?, "ckpt differs from the single file");
-    assert_eq!(single, run("diffusers")?, "diffusers folder differs from the single file");
+    assert_eq!(
+        single,
+        run("model.ckpt")?,
+        "ckpt differs from the single file"
+    );
+    assert_eq!(
+        single,
+        run("diffusers")?,
+        "diffusers folder differs from the single file"
+    );
     Ok(())
 }
