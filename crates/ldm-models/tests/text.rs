@@ -4,45 +4,13 @@
 //! hidden state, SD2 the penultimate block + final LayerNorm.
 //! Tolerance, per element: |x − y| ≤ max(1e-4·|x + y|, 1e-5).
 use std::collections::HashMap;
-use std::path::PathBuf;
 
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 use ldm_models::text::{Activation, TextConfig, TextLayout, TextOutput, TextTransformer};
 
-fn fixture(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures")
-        .join(rel)
-}
-
-fn load(rel: &str) -> Result<HashMap<String, Tensor>> {
-    let path = fixture(rel);
-    assert!(
-        path.exists(),
-        "fixture {} is missing (see FIXTURE_CONTRACT / tools/fixtures/make_sd_tiny.py)",
-        path.display()
-    );
-    candle_core::safetensors::load(&path, &Device::Cpu)
-}
-
-/// Asserts |x−y| ≤ max(R·|x+y|, A) elementwise and returns the largest |x−y|.
-fn assert_close(name: &str, got: &Tensor, want: &Tensor, r: f32, a: f32) -> Result<f32> {
-    assert_eq!(got.dims(), want.dims(), "{name}: shape");
-    let x = got.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    let y = want.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    let mut max_err = 0f32;
-    for (i, (x, y)) in x.iter().zip(&y).enumerate() {
-        let err = (x - y).abs();
-        assert!(
-            err <= (r * (x + y).abs()).max(a),
-            "{name}[{i}]: got {x}, want {y} (|diff| {err})"
-        );
-        max_err = max_err.max(err);
-    }
-    eprintln!("{name}: max |diff| {max_err:.3e} over {} values", x.len());
-    Ok(max_err)
-}
+mod common;
+use common::{assert_close, load};
 
 /// The tiny text encoders of FIXTURE_CONTRACT.md.
 fn tiny(layers: usize, activation: Activation, output: TextOutput) -> TextConfig {

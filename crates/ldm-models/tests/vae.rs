@@ -1,8 +1,6 @@
 //! AutoencoderKL parity with diffusers on the tiny fixtures of `tools/fixtures/make_sd_tiny.py`
 //! (torch 2.15, diffusers 0.42.1; references in fp32 from the stored fp16/bf16 weights).
 //! Tolerance, per element: |x − y| ≤ max(1e-4·|x + y|, 1e-5).
-use std::collections::HashMap;
-use std::path::PathBuf;
 
 use candle_core::Module;
 use candle_core::{DType, Device, Result, Tensor};
@@ -10,39 +8,8 @@ use candle_nn::VarBuilder;
 use ldm_models::autoencoder::blocks::AttnBlock;
 use ldm_models::autoencoder::{AutoencoderKl, AutoencoderKlConfig, DdConfig, DiagonalGaussian};
 
-fn fixture(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures")
-        .join(rel)
-}
-
-fn load(rel: &str) -> Result<HashMap<String, Tensor>> {
-    let path = fixture(rel);
-    assert!(
-        path.exists(),
-        "fixture {} is missing (see FIXTURE_CONTRACT / tools/fixtures/make_sd_tiny.py)",
-        path.display()
-    );
-    candle_core::safetensors::load(&path, &Device::Cpu)
-}
-
-/// Asserts |x−y| ≤ max(R·|x+y|, A) elementwise and returns the largest |x−y|.
-fn assert_close(name: &str, got: &Tensor, want: &Tensor, r: f32, a: f32) -> Result<f32> {
-    assert_eq!(got.dims(), want.dims(), "{name}: shape");
-    let x = got.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    let y = want.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    let mut max_err = 0f32;
-    for (i, (x, y)) in x.iter().zip(&y).enumerate() {
-        let err = (x - y).abs();
-        assert!(
-            err <= (r * (x + y).abs()).max(a),
-            "{name}[{i}]: got {x}, want {y} (|diff| {err})"
-        );
-        max_err = max_err.max(err);
-    }
-    eprintln!("{name}: max |diff| {max_err:.3e} over {} values", x.len());
-    Ok(max_err)
-}
+mod common;
+use common::{assert_close, load};
 
 /// The first stage of every tiny fixture model (FIXTURE_CONTRACT.md).
 fn tiny_config() -> AutoencoderKlConfig {
