@@ -96,6 +96,16 @@ fn same_seed_same_image_with_a1111_parameters() -> R {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
+        // Not a terminal: no progress bar; the written path on stdout.
+        assert!(
+            out.stderr.is_empty(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            p.display().to_string()
+        );
     }
     let (pa, pb, pc) = (png_pixels(&a)?, png_pixels(&b)?, png_pixels(&c)?);
     assert_eq!(pa.len(), 32 * 32 * 3);
