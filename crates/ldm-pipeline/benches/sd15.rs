@@ -137,7 +137,10 @@ fn bench_vae(runs: usize) -> Result<Measurement> {
     eprintln!("vae: built in {build_s:.1} s; 1 warm-up + {runs} timed decodes");
     let (median_s, min_s, out) = time_it(runs, || vae.decode(&z))?;
     if out.dims() != [1, 3, 512, 512] {
-        candle_core::bail!("VAE decode gave {:?}, expected [1, 3, 512, 512]", out.dims());
+        candle_core::bail!(
+            "VAE decode gave {:?}, expected [1, 3, 512, 512]",
+            out.dims()
+        );
     }
     Ok(Measurement {
         name: "vae_decode",
@@ -182,8 +185,7 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
         }
     }
     println!(
-        "ldm-rs (candle {}) CPU f32, threads = {}, avx = {}, runs = {runs} (+1 warm-up)",
-        "0.11.1",
+        "ldm-rs (candle 0.11.1) CPU f32, threads = {}, avx = {}, runs = {runs} (+1 warm-up)",
         candle_core::utils::get_num_threads(),
         candle_core::utils::with_avx(),
     );
@@ -199,14 +201,18 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
         "workload", "shape", "runs", "median_s", "min_s", "build_s", "peak_rss_MiB", "mean|y|"
     );
     for m in &results {
-        let rss = m.peak_rss_mib.map_or("n/a".to_string(), |r| format!("{r:.0}"));
+        let rss = m
+            .peak_rss_mib
+            .map_or("n/a".to_string(), |r| format!("{r:.0}"));
         println!(
             "{:<14} {:<30} {:>4} {:>10.3} {:>10.3} {:>8.2} {:>12} {:>10.4}",
             m.name, m.shape, m.runs, m.median_s, m.min_s, m.build_s, rss, m.mean_abs_out
         );
     }
     for m in &results {
-        let rss = m.peak_rss_mib.map_or("nan".to_string(), |r| format!("{r:.0}"));
+        let rss = m
+            .peak_rss_mib
+            .map_or("nan".to_string(), |r| format!("{r:.0}"));
         println!(
             "RESULT impl=ldm-rs workload={} runs={} median_s={:.3} min_s={:.3} peak_rss_mib={rss}",
             m.name, m.runs, m.median_s, m.min_s
