@@ -148,23 +148,10 @@ impl Encoder {
         for (i, mult) in cfg.ch_mult.iter().enumerate() {
             let vb_level = vb.pp(format!("down.{i}"));
             let block_out = cfg.ch * mult;
-            let (mut blocks, mut attns) = (Vec::new(), Vec::new());
-            for j in 0..cfg.num_res_blocks {
-                blocks.push(ResnetBlock::new(
-                    block_in,
-                    block_out,
-                    g,
-                    vb_level.pp(format!("block.{j}")),
-                )?);
-                block_in = block_out;
-                if cfg.attn_resolutions.contains(&res) {
-                    attns.push(AttnBlock::new(
-                        block_in,
-                        g,
-                        vb_level.pp(format!("attn.{j}")),
-                    )?);
-                }
-            }
+            let attn = cfg.attn_resolutions.contains(&res);
+            let (blocks, attns) =
+                level_blocks(cfg.num_res_blocks, block_in, block_out, attn, g, &vb_level)?;
+            block_in = block_out;
             let resample = if i + 1 != levels {
                 res /= 2;
                 Some(Downsample::new(block_in, vb_level.pp("downsample"))?)
@@ -228,23 +215,16 @@ impl Decoder {
         for (i, mult) in cfg.ch_mult.iter().enumerate().rev() {
             let vb_level = vb.pp(format!("up.{i}"));
             let block_out = cfg.ch * mult;
-            let (mut blocks, mut attns) = (Vec::new(), Vec::new());
-            for j in 0..=cfg.num_res_blocks {
-                blocks.push(ResnetBlock::new(
-                    block_in,
-                    block_out,
-                    g,
-                    vb_level.pp(format!("block.{j}")),
-                )?);
-                block_in = block_out;
-                if cfg.attn_resolutions.contains(&res) {
-                    attns.push(AttnBlock::new(
-                        block_in,
-                        g,
-                        vb_level.pp(format!("attn.{j}")),
-                    )?);
-                }
-            }
+            let attn = cfg.attn_resolutions.contains(&res);
+            let (blocks, attns) = level_blocks(
+                cfg.num_res_blocks + 1,
+                block_in,
+                block_out,
+                attn,
+                g,
+                &vb_level,
+            )?;
+            block_in = block_out;
             let resample = if i != 0 {
                 res *= 2;
                 Some(Upsample::new(block_in, vb_level.pp("upsample"))?)
@@ -276,4 +256,31 @@ impl Module for Decoder {
         }
         self.conv_out.forward(&swish(&self.norm_out.forward(&h)?)?) // [B, out_ch, f·h, f·w]
     }
+}
+
+/// The `count` ResnetBlocks of one level (`block.{j}`), each followed by an AttnBlock (`attn.{j}`) when the
+/// level's resolution is in `attn_resolutions`; the first block maps `block_in` to `block_out` channels.
+fn level_blocks(
+    count: usize,
+    block_in: usize,
+    block_out: usize,
+    attn: bool,
+    g: usize,
+    vb: &VarBuilder,
+) -> Result<(Vec<ResnetBlock>, Vec<AttnBlock>)> {
+    let (mut blocks, mut attns) = (Vec::new(), Vec::new());
+    let mut ch = block_in;
+    for j in 0..count {
+        blocks.push(ResnetBlock::new(
+            ch,
+            block_out,
+            g,
+            vb.pp(format!("block.{j}")),
+        )?);
+        ch = block_out;
+        if attn {
+            attns.push(AttnBlock::new(ch, g, vb.pp(format!("attn.{j}")))?);
+        }
+    }
+    Ok((blocks, attns))
 }
