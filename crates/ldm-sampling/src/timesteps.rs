@@ -63,28 +63,16 @@ pub(crate) fn discrete(
     check_range(ts, train)
 }
 
-/// PNDM's `_timesteps`: ascending integer timesteps.
+/// PNDM's `_timesteps`: the same integer timesteps as [`discrete`], ascending.
 pub(crate) fn pndm_ascending(
     spacing: Spacing,
     steps: usize,
     train: usize,
     offset: usize,
 ) -> Result<Vec<usize>> {
-    let ts: Vec<i64> = match spacing {
-        Spacing::Linspace => np_linspace(0.0, (train - 1) as f64, steps)
-            .into_iter()
-            .map(round)
-            .collect(),
-        Spacing::Leading => (0..steps)
-            .map(|i| (i * (train / steps) + offset) as i64)
-            .collect(),
-        Spacing::Trailing => trailing_rounded(train, steps)
-            .into_iter()
-            .rev()
-            .map(|t| t - 1)
-            .collect(),
-    };
-    check_range(ts, train)
+    let mut ts = discrete(spacing, steps, train, offset)?;
+    ts.reverse();
+    Ok(ts)
 }
 
 /// Euler-type `set_timesteps`: descending f32 timesteps (returned widened).
