@@ -145,7 +145,7 @@ fn add_mapped(store: &mut WeightStore, path: &Path, map: &KeyMap) -> Result<()> 
     let file = Arc::new(SafetensorsFile::open(path)?);
     let mut unknown = Vec::new();
     for name in file.names() {
-        match map.entries().iter().find(|e| e.diffusers == name) {
+        match map.entry(name) {
             Some(e) => {
                 let reshape = match e.conversion {
                     Conversion::Identity => None,

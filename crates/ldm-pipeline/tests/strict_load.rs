@@ -58,3 +58,54 @@ fn every_load_problem_is_reported_at_once() -> Result<(), Box<dyn std::error::Er
     }
     Ok(())
 }
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for e in std::fs::read_dir(from)? {
+        let e = e?;
+        if e.file_type()?.is_dir() {
+            copy_dir(&e.path(), &to.join(e.file_name()))?;
+        } else {
+            std::fs::copy(e.path(), to.join(e.file_name()))?;
+        }
+    }
+    Ok(())
+}
+
+/// transformers 5 saves `CLIPTextModel` without the `text_model.` prefix; the key map accepts those names as
+/// aliases, and so must the pipeline's lazy loader.
+#[test]
+fn diffusers_text_encoder_saved_without_text_model_prefix_loads(
+) -> Result<(), Box<dyn std::error::Error>> {
+    let dir = tempfile::tempdir()?;
+    let folder = dir.path().join("sd1");
+    copy_dir(&fixture("sd1-tiny/diffusers"), &folder)?;
+    let te = folder.join("text_encoder/model.safetensors");
+    let stripped: std::collections::HashMap<String, Tensor> =
+        candle_core::safetensors::load(&te, &Device::Cpu)?
+            .into_iter()
+            .map(|(k, v)| {
+                (
+                    k.strip_prefix("text_model.")
+                        .map(str::to_string)
+                        .unwrap_or(k),
+                    v,
+                )
+            })
+            .collect();
+    assert!(stripped.keys().all(|k| !k.starts_with("text_model.")));
+    candle_core::safetensors::save(&stripped, &te)?;
+    let models = SdModels::build(open(&folder, None)?, &Device::Cpu)?;
+    let reference = SdModels::build(open(&fixture("sd1-tiny/diffusers"), None)?, &Device::Cpu)?;
+    let prompts = ["a red apple"];
+    let got = models
+        .encode_prompts(&prompts)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let want = reference
+        .encode_prompts(&prompts)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    assert_eq!(got, want);
+    Ok(())
+}

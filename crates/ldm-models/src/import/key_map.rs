@@ -217,15 +217,18 @@ impl KeyMap {
         self.entries.is_empty()
     }
 
-    /// The canonical name of a diffusers key (legacy aliases accepted).
-    pub fn canonical_key(&self, diffusers: &str) -> Option<&str> {
+    /// The row of a diffusers key (legacy aliases accepted).
+    pub fn entry(&self, diffusers: &str) -> Option<&Entry> {
         let d = self
             .aliases
             .get(diffusers)
             .map_or(diffusers, String::as_str);
-        self.by_diffusers
-            .get(d)
-            .map(|&i| self.entries[i].canonical.as_str())
+        self.by_diffusers.get(d).map(|&i| &self.entries[i])
+    }
+
+    /// The canonical name of a diffusers key (legacy aliases accepted).
+    pub fn canonical_key(&self, diffusers: &str) -> Option<&str> {
+        self.entry(diffusers).map(|e| e.canonical.as_str())
     }
 
     /// The diffusers name(s) of a canonical key: one, or the blocks of a fused tensor in order.
