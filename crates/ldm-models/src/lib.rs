@@ -2,6 +2,7 @@
 //! UNet, the autoencoders — with their typed configs, presets and the import of foreign configs and key names.
 pub mod autoencoder;
 pub mod blocks;
+pub mod cond;
 pub mod import;
 pub mod original_config;
 pub mod text;
