@@ -259,3 +259,70 @@ fn layout_json_names_and_errors() -> TestResult {
     assert!(e.contains("no class-name list"), "{e}");
     Ok(())
 }
+
+// ---- the conditioning inputs of the end-to-end tiny LDM fixtures (tools/fixtures/make_ldm_tiny.py)
+
+fn model_weights(dir: &str) -> Result<VarBuilder<'static>, Box<dyn std::error::Error>> {
+    let w = common::load(&format!("{dir}/model.safetensors"))?;
+    Ok(VarBuilder::from_tensors(w, DType::F32, &Device::Cpu).pp("cond_stage_model"))
+}
+
+#[test]
+fn cin_tiny_class_context_and_null_class_match() -> TestResult {
+    let refs = common::load("ldm-cin-tiny/ref.safetensors")?;
+    let cfg = ClassEmbedderConfig::from_original(Some(1001), 16);
+    assert_eq!(cfg.null_class, Some(1000));
+    let ce = ClassEmbedder::new(&cfg, model_weights("ldm-cin-tiny")?)?;
+    for case in ["cfg", "nocfg"] {
+        let labels: Vec<usize> = refs[&format!("{case}.labels")]
+            .to_vec1::<i64>()?
+            .into_iter()
+            .map(|l| l as usize)
+            .collect();
+        let c = ce.forward(&labels)?;
+        common::assert_close(case, &c, &refs[&format!("{case}.context")], 1e-4, 1e-5)?;
+    }
+    let uc = ce.unconditional(2)?;
+    common::assert_close("cfg.uc_context", &uc, &refs["cfg.uc_context"], 1e-4, 1e-5)?;
+    Ok(())
+}
+
+#[test]
+fn semantic_tiny_map_to_concat_conditioning_matches() -> TestResult {
+    let refs = common::load("ldm-semantic-tiny/ref.safetensors")?;
+    let m = SpatialRescaler::new(
+        &SpatialRescalerConfig::semantic_synthesis(),
+        model_weights("ldm-semantic-tiny")?,
+    )?;
+    let map = |f: &str| SemanticMap::load(&common::fixture(&format!("ldm-semantic-tiny/{f}")));
+    for (case, files) in [("map0", vec!["map0.png"]), ("batch2", vec!["map0.png", "map1.png"])] {
+        let maps = files.iter().map(|f| map(f)).collect::<Result<Vec<_>, _>>()?;
+        let oh = SemanticMap::one_hot(&maps, 182, &Device::Cpu)?; // [B, 182, 32, 32]
+        let c = m.forward(&oh)?; // [B, 3, 8, 8]
+        common::assert_close(case, &c, &refs[&format!("{case}.cond")], 1e-4, 1e-5)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn layout_tiny_tokens_match() -> TestResult {
+    let refs = common::load("ldm-layout-tiny/ref.safetensors")?;
+    let text = std::fs::read_to_string(common::fixture("ldm-layout-tiny/cases.json"))?;
+    let cases: Value = serde_json::from_str(&text)?;
+    let cfg: LayoutConfig = serde_json::from_value(cases["layout_builder"].clone())?;
+    let b = LayoutBuilder::new(cfg, None)?;
+    for case in cases["cases"].as_array().ok_or("cases")? {
+        let name = case["name"].as_str().ok_or("name")?;
+        let layouts: Vec<Vec<LayoutObject>> = serde_json::from_value(case["layouts"].clone())?;
+        let got = b.build_batch(&layouts, &Device::Cpu)?.to_dtype(DType::I64)?;
+        let want = &refs[&format!("{name}.tokens")];
+        assert_eq!(got.to_vec2::<i64>()?, want.to_vec2::<i64>()?, "{name}");
+        if let Some(uc) = refs.get(&format!("{name}.uc_tokens")) {
+            for row in uc.to_vec2::<i64>()? {
+                let row: Vec<u32> = row.into_iter().map(|v| v as u32).collect();
+                assert_eq!(b.unconditional(), row);
+            }
+        }
+    }
+    Ok(())
+}
