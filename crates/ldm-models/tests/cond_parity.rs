@@ -295,8 +295,14 @@ fn semantic_tiny_map_to_concat_conditioning_matches() -> TestResult {
         model_weights("ldm-semantic-tiny")?,
     )?;
     let map = |f: &str| SemanticMap::load(&common::fixture(&format!("ldm-semantic-tiny/{f}")));
-    for (case, files) in [("map0", vec!["map0.png"]), ("batch2", vec!["map0.png", "map1.png"])] {
-        let maps = files.iter().map(|f| map(f)).collect::<Result<Vec<_>, _>>()?;
+    for (case, files) in [
+        ("map0", vec!["map0.png"]),
+        ("batch2", vec!["map0.png", "map1.png"]),
+    ] {
+        let maps = files
+            .iter()
+            .map(|f| map(f))
+            .collect::<Result<Vec<_>, _>>()?;
         let oh = SemanticMap::one_hot(&maps, 182, &Device::Cpu)?; // [B, 182, 32, 32]
         let c = m.forward(&oh)?; // [B, 3, 8, 8]
         common::assert_close(case, &c, &refs[&format!("{case}.cond")], 1e-4, 1e-5)?;
@@ -314,7 +320,9 @@ fn layout_tiny_tokens_match() -> TestResult {
     for case in cases["cases"].as_array().ok_or("cases")? {
         let name = case["name"].as_str().ok_or("name")?;
         let layouts: Vec<Vec<LayoutObject>> = serde_json::from_value(case["layouts"].clone())?;
-        let got = b.build_batch(&layouts, &Device::Cpu)?.to_dtype(DType::I64)?;
+        let got = b
+            .build_batch(&layouts, &Device::Cpu)?
+            .to_dtype(DType::I64)?;
         let want = &refs[&format!("{name}.tokens")];
         assert_eq!(got.to_vec2::<i64>()?, want.to_vec2::<i64>()?, "{name}");
         if let Some(uc) = refs.get(&format!("{name}.uc_tokens")) {

@@ -316,3 +316,47 @@ impl LayoutBuilder {
         Ok(Tensor::from_vec(ids, (layouts.len(), len), device)?)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn openimages_grid_and_sequence() -> Result<()> {
+        let b = LayoutBuilder::new(LayoutConfig::openimages_layout2img(300), None)?;
+        let c = b.config();
+        assert_eq!(
+            (c.no_sections(), c.none(), c.sequence_length()),
+            (90, 8191, 92)
+        );
+        assert_eq!(b.tokenize_coordinates(0.0, 0.0), 0);
+        assert_eq!(b.tokenize_coordinates(1.0, 1.0), 89 * 90 + 89);
+        assert_eq!(b.tokenize_coordinates(1.0, 0.0), 89);
+        // 0.5 · 89 = 44.5 rounds to the even 44, as Python's round()
+        assert_eq!(b.tokenize_coordinates(0.5, 0.0), 44);
+        let uc = b.unconditional();
+        assert_eq!(&uc[88..], &[8191, 8191, 0, 8099]);
+        Ok(())
+    }
+
+    #[test]
+    fn perfect_square_vocabularies_use_the_full_grid() {
+        let cfg = LayoutConfig {
+            no_object_classes: 2,
+            no_max_objects: 1,
+            no_tokens: 16,
+            encode_crop: false,
+            use_group_parameter: false,
+            use_additional_parameters: false,
+        };
+        assert_eq!(cfg.no_sections(), 4);
+        assert_eq!(
+            LayoutConfig {
+                no_tokens: 15,
+                ..cfg
+            }
+            .no_sections(),
+            3
+        );
+    }
+}

@@ -276,3 +276,45 @@ impl SpatialRescaler {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_resampling_row_is_a_partition_of_unity() {
+        let methods = [
+            ResizeMethod::Nearest,
+            ResizeMethod::Linear,
+            ResizeMethod::Bicubic,
+            ResizeMethod::Area,
+        ];
+        for method in methods {
+            for (size, scale) in [(9usize, 0.5f64), (13, 0.77), (5, 1.7), (1, 3.0)] {
+                let out = (size as f64 * scale).floor() as usize;
+                let m = axis_matrix(method, size, out, scale);
+                for row in m.chunks(size) {
+                    let s: f32 = row.iter().sum();
+                    assert!(
+                        (s - 1.0).abs() < 1e-6,
+                        "{method:?} {size}->{out}: row sums to {s}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn halving_bilinear_averages_pixel_pairs() -> Result<()> {
+        // align_corners=False at x0.5: output i samples at 2i + 0.5, the mean of pixels 2i and 2i+1
+        let x = Tensor::from_vec(
+            vec![0f32, 2.0, 4.0, 8.0],
+            (1, 1, 1, 4),
+            &candle_core::Device::Cpu,
+        )?;
+        let x = x.broadcast_as((1, 1, 2, 4))?.contiguous()?;
+        let y = interpolate(&x, ResizeMethod::Bilinear, 0.5)?;
+        assert_eq!(y.flatten_all()?.to_vec1::<f32>()?, vec![1.0, 6.0]);
+        Ok(())
+    }
+}

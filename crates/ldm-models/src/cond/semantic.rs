@@ -156,3 +156,80 @@ impl SemanticMap {
         )?)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn encode(w: u32, h: u32, color: png::ColorType, depth: png::BitDepth, data: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        {
+            let mut enc = png::Encoder::new(&mut out, w, h);
+            enc.set_color(color);
+            enc.set_depth(depth);
+            if color == png::ColorType::Indexed {
+                enc.set_palette(vec![0u8; 3 * 16]);
+            }
+            let mut wr = enc.write_header().expect("test png header");
+            wr.write_image_data(data).expect("test png data");
+        }
+        out
+    }
+
+    #[test]
+    fn reads_sample_values_of_every_greyscale_and_palette_depth() -> Result<()> {
+        let p = Path::new("mem.png");
+        // 16-bit greyscale, big-endian samples 1 and 300
+        let png16 = encode(
+            2,
+            1,
+            png::ColorType::Grayscale,
+            png::BitDepth::Sixteen,
+            &[0, 1, 1, 44],
+        );
+        assert_eq!(SemanticMap::from_png(&png16, p)?.labels, vec![1, 300]);
+        // 4-bit palette, 3 pixels per row (rows padded to whole bytes): indices 15, 2, 7 / 0, 1, 9
+        let png4 = encode(
+            3,
+            2,
+            png::ColorType::Indexed,
+            png::BitDepth::Four,
+            &[0xF2, 0x70, 0x01, 0x90],
+        );
+        assert_eq!(
+            SemanticMap::from_png(&png4, p)?.labels,
+            vec![15, 2, 7, 0, 1, 9]
+        );
+        // 1-bit greyscale: 10 pixels, 1 0 1 1 0 0 0 1 | 1 0
+        let png1 = encode(
+            10,
+            1,
+            png::ColorType::Grayscale,
+            png::BitDepth::One,
+            &[0b1011_0001, 0b1000_0000],
+        );
+        assert_eq!(
+            SemanticMap::from_png(&png1, p)?.labels,
+            vec![1, 0, 1, 1, 0, 0, 0, 1, 1, 0]
+        );
+        let m = SemanticMap::from_png(&png16, p)?;
+        let e = m
+            .check(182)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("label 300 at (x 1, y 0)"), "{e}");
+        Ok(())
+    }
+
+    #[test]
+    fn one_hot_places_each_label_in_its_channel() -> Result<()> {
+        let m = SemanticMap::from_labels(2, 1, vec![2, 0], "m")?;
+        let t = SemanticMap::one_hot(&[m], 3, &Device::Cpu)?; // [1, 3, 1, 2]
+        assert_eq!(
+            t.flatten_all()?.to_vec1::<f32>()?,
+            vec![0.0, 1.0, 0.0, 0.0, 1.0, 0.0]
+        );
+        Ok(())
+    }
+}
