@@ -51,8 +51,12 @@ fn single_file_model(model: &str) -> Result<VqModel> {
 
 /// The diffusers folder through its config.json and the VQ key map.
 fn folder_model(model: &str) -> Result<VqModel> {
-    let files = component_files(&fixture(&format!("vq-tiny/{model}")), "vqvae")
-        .map_err(candle_core::Error::wrap)?;
+    folder_model_at(&format!("vq-tiny/{model}"))
+}
+
+/// The `vqvae/` component under the fixture directory `dir`.
+fn folder_model_at(dir: &str) -> Result<VqModel> {
+    let files = component_files(&fixture(dir), "vqvae").map_err(candle_core::Error::wrap)?;
     let arch = DiffusersVqConfig::from_file(&files.config)
         .and_then(|c| c.arch())
         .map_err(candle_core::Error::wrap)?;
@@ -170,6 +174,39 @@ fn vq_f8_without_attention_single_file_matches_diffusers() -> Result<()> {
 #[test]
 fn vq_f8_without_attention_diffusers_folder_matches_diffusers() -> Result<()> {
     check_parity("f8-noattn folder", &folder_model("f8-noattn")?, "f8-noattn")
+}
+
+/// `ldm-uncond-tiny`: each case's final latents / scaling_factor, decoded (quantising) by either form of the
+/// pipeline's VQModel, give the pipeline's image.
+#[test]
+fn ldm_uncond_final_latents_decode_to_the_pipeline_images() -> Result<()> {
+    let refs = load("ldm-uncond-tiny/ref.safetensors")?;
+    let weights = load("ldm-uncond-tiny/model.safetensors")?;
+    let mut config = fixture_config("f4");
+    config.n_embed = 16;
+    let vb = VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu);
+    let single = VqModel::new(&config, vb.pp("first_stage_model"))?;
+    let folder = folder_model_at("ldm-uncond-tiny/diffusers")?;
+    let scale = 20.0; // vqvae/config.json scaling_factor, model.yaml scale_factor
+    for case in [
+        "ddim-eta0-seed",
+        "ddim-eta0-fixed",
+        "ddim-eta1-fixed",
+        "ddim-eta1-seed",
+    ] {
+        let z = (&refs[&format!("ldm.{case}.latents")] / scale)?;
+        for (form, vq) in [("single file", &single), ("folder", &folder)] {
+            let image = ((vq.decode(&z)? / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
+            assert_close(
+                &format!("ldm-uncond {case} image ({form})"),
+                &image,
+                &refs[&format!("ldm.{case}.image")],
+                R,
+                A,
+            )?;
+        }
+    }
+    Ok(())
 }
 
 #[test]
