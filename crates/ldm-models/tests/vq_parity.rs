@@ -351,9 +351,24 @@ fn codebook_and_latent_channel_mismatches_are_clear_errors() -> Result<()> {
     let err = VqModel::new(&config, vb.pp("first_stage_model")).expect_err("embed_dim 4 vs 3");
     let msg = err.to_string();
     assert!(
-        msg.contains("quant_conv") || msg.contains("quantize"),
+        msg.contains("first_stage_model.quantize.embedding.weight")
+            && msg.contains("[64, 3]")
+            && msg.contains("embed_dim = 4"),
         "{msg}"
     );
+    // and a codebook of another size
+    let mut config = fixture_config("f4");
+    config.n_embed = 128;
+    let vb = VarBuilder::from_tensors(
+        load("vq-tiny/f4/model.safetensors")?,
+        DType::F32,
+        &Device::Cpu,
+    );
+    let msg = VqModel::new(&config, vb.pp("first_stage_model"))
+        .expect_err("n_embed 128 vs 64")
+        .to_string();
+    assert!(msg.contains("n_embed = 128"), "{msg}");
+    eprintln!("codebook mismatch error: {msg}");
 
     let vq = single_file_model("f4")?;
     let wrong = Tensor::zeros((1, 4, 8, 8), DType::F32, &Device::Cpu)?;
@@ -387,5 +402,51 @@ fn codebook_and_latent_channel_mismatches_are_clear_errors() -> Result<()> {
     let err = VectorQuantizer::new(0, 3, VarBuilder::zeros(DType::F32, &Device::Cpu))
         .expect_err("empty codebook");
     assert!(err.to_string().contains("empty codebook"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn first_stage_kl_encodes_a_posterior_for_the_callers_noise() -> Result<()> {
+    use ldm_models::autoencoder::{AutoencoderKl, AutoencoderKlConfig};
+    let config = AutoencoderKlConfig {
+        embed_dim: 4,
+        ddconfig: DdConfig {
+            ch: 32,
+            out_ch: 3,
+            ch_mult: vec![1, 2],
+            num_res_blocks: 1,
+            attn_resolutions: vec![],
+            in_channels: 3,
+            resolution: 32,
+            z_channels: 4,
+            double_z: true,
+            num_groups: 32,
+            attn_type: AttnType::Vanilla,
+        },
+    };
+    let vb = VarBuilder::from_tensors(
+        load("sd1-tiny/model.safetensors")?,
+        DType::F32,
+        &Device::Cpu,
+    );
+    let fs = FirstStage::Kl(AutoencoderKl::new(&config, vb.pp("first_stage_model"))?);
+    assert_eq!((fs.downsample_factor(), fs.latent_channels()), (2, 4));
+    let refs = load("sd1-tiny/ref.safetensors")?;
+    let enc = fs.encode(&refs["vae.image"])?;
+    assert!(enc.is_stochastic());
+    let Encoded::Posterior(q) = &enc else {
+        panic!("KL must give a posterior")
+    };
+    assert_close("FirstStage::Kl mode", enc.mode(), &refs["vae.mean"], R, A)?;
+    let noise = Tensor::randn(0f32, 1.0, q.mean.dims(), &Device::Cpu)?;
+    let want = (&refs["vae.mean"] + ((&refs["vae.logvar"] * 0.5)?.exp()? * &noise)?)?;
+    assert_close("FirstStage::Kl sample", &enc.sample(&noise)?, &want, R, A)?;
+    assert_close(
+        "FirstStage::Kl decode",
+        &fs.decode(&refs["vae.z"])?,
+        &refs["vae.decoded"],
+        R,
+        A,
+    )?;
     Ok(())
 }

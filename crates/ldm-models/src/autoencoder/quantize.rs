@@ -41,8 +41,20 @@ impl VectorQuantizer {
                 "VectorQuantizer: empty codebook (n_embed {n_embed}, embed_dim {embed_dim})"
             );
         }
-        let codebook = vb.pp("embedding").get((n_embed, embed_dim), "weight")?;
-        Self::from_codebook(codebook)
+        let vb = vb.pp("embedding");
+        // Name a codebook of the wrong shape in the model's terms before the generic shape error (backends
+        // that cannot hand out a tensor without a shape, like `VarBuilder::zeros`, skip this check).
+        if let Ok(found) = vb.get_unchecked("weight") {
+            if found.dims() != [n_embed, embed_dim] {
+                candle_core::bail!(
+                    "VQ codebook `{}.weight` is {:?}, but the config says n_embed = {n_embed} entries of \
+                     embed_dim = {embed_dim} channels",
+                    vb.prefix(),
+                    found.dims()
+                );
+            }
+        }
+        Self::from_codebook(vb.get((n_embed, embed_dim), "weight")?)
     }
 
     /// A quantiser over the rows of `codebook` `[n_embed, embed_dim]`.

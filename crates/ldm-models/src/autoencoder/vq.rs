@@ -140,11 +140,13 @@ impl VqModel {
                 "VQModel needs double_z = false (the encoder emits one latent, not moments), got true"
             );
         }
+        // The codebook first: a config/checkpoint disagreement on embed_dim is reported there, by name.
+        let quantize = VectorQuantizer::new(config.n_embed, config.embed_dim, vb.pp("quantize"))?;
         Ok(Self {
             encoder: Encoder::new(dd, vb.pp("encoder"))?,
             decoder: Decoder::new(dd, vb.pp("decoder"))?,
             quant_conv: conv1x1(dd.z_channels, config.embed_dim, vb.pp("quant_conv"))?,
-            quantize: VectorQuantizer::new(config.n_embed, config.embed_dim, vb.pp("quantize"))?,
+            quantize,
             post_quant_conv: conv1x1(config.embed_dim, dd.z_channels, vb.pp("post_quant_conv"))?,
             config: config.clone(),
         })
