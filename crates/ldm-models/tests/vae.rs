@@ -26,6 +26,7 @@ fn tiny_config() -> AutoencoderKlConfig {
             z_channels: 4,
             double_z: true,
             num_groups: 32,
+            attn_type: Default::default(),
         },
     }
 }

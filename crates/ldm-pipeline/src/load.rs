@@ -244,6 +244,7 @@ fn open_diffusers(dir: &Path, form: CheckpointForm) -> Result<Opened> {
             z_channels: va.z_channels,
             double_z: true,
             num_groups: va.norm_groups,
+            attn_type: Default::default(),
         },
     };
     let (family, activation) = match ca.activation {

@@ -228,6 +228,7 @@ impl ModelSpec {
                 z_channels: f.z_channels,
                 double_z: f.double_z,
                 num_groups: 32,
+                attn_type: Default::default(),
             },
         };
         let (family, layout, prefix, activation, output, heads) = match &cfg.text {

@@ -12,6 +12,7 @@
 //! | `attn_resolutions` | feature-map sizes (given `resolution` at level 0) that get an `AttnBlock`   |
 //! | `z_channels`       | latent channels at the encoder output / decoder input                      |
 //! | `double_z`         | the encoder emits `2·z_channels` (mean and log-variance)                   |
+//! | `attn_type`        | `vanilla` (AttnBlock) or `none` (no attention at all, not even `mid.attn_1`) |
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Conv2d, GroupNorm, VarBuilder};
 use serde::{Deserialize, Serialize};
@@ -20,6 +21,19 @@ use super::blocks::{conv3x3, normalize, swish, AttnBlock, Downsample, ResnetBloc
 
 fn default_num_groups() -> usize {
     32
+}
+
+/// `ddconfig.attn_type` of the original `make_attn`: which block sits at `mid.attn_1` and at the levels of
+/// `attn_resolutions`. The original's third kind, `linear` (`LinAttnBlock`), is used by no released first stage
+/// and is not implemented (parsing it fails with serde's "unknown variant" error).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttnType {
+    /// Single-head softmax self-attention over the pixels ([`AttnBlock`]).
+    #[default]
+    Vanilla,
+    /// `nn.Identity`: no attention anywhere and no attention weights (LDM `vq-f4-noattn`).
+    None,
 }
 
 /// `first_stage_config.params.ddconfig` of an LDM YAML (minus `dropout`, which inference ignores), plus
@@ -38,6 +52,9 @@ pub struct DdConfig {
     pub double_z: bool,
     #[serde(default = "default_num_groups")]
     pub num_groups: usize,
+    /// Absent in most YAMLs, which then mean `vanilla`.
+    #[serde(default)]
+    pub attn_type: AttnType,
 }
 
 impl DdConfig {
@@ -54,12 +71,18 @@ impl DdConfig {
             z_channels: 4,
             double_z: true,
             num_groups: 32,
+            attn_type: AttnType::Vanilla,
         }
     }
 
     /// Spatial down-sampling factor `f = 2^(levels − 1)`.
     pub fn downsample_factor(&self) -> usize {
         1 << self.ch_mult.len().saturating_sub(1)
+    }
+
+    /// Whether the levels at feature-map size `res` get an `AttnBlock` after each ResNet block.
+    fn has_attention_at(&self, res: usize) -> bool {
+        self.attn_type == AttnType::Vanilla && self.attn_resolutions.contains(&res)
     }
 
     fn check(&self) -> Result<()> {
@@ -102,26 +125,35 @@ impl<R: Module> Level<R> {
     }
 }
 
-/// `mid.{block_1, attn_1, block_2}`.
+/// `mid.{block_1, attn_1, block_2}`; `attn_1` is absent (an identity without weights) for `attn_type: none`.
 #[derive(Debug, Clone)]
 struct Mid {
     block_1: ResnetBlock,
-    attn_1: AttnBlock,
+    attn_1: Option<AttnBlock>,
     block_2: ResnetBlock,
 }
 
 impl Mid {
-    fn new(ch: usize, groups: usize, vb: VarBuilder) -> Result<Self> {
+    fn new(ch: usize, cfg: &DdConfig, vb: VarBuilder) -> Result<Self> {
+        let groups = cfg.num_groups;
+        let attn_1 = match cfg.attn_type {
+            AttnType::Vanilla => Some(AttnBlock::new(ch, groups, vb.pp("attn_1"))?),
+            AttnType::None => None,
+        };
         Ok(Self {
             block_1: ResnetBlock::new(ch, ch, groups, vb.pp("block_1"))?,
-            attn_1: AttnBlock::new(ch, groups, vb.pp("attn_1"))?,
+            attn_1,
             block_2: ResnetBlock::new(ch, ch, groups, vb.pp("block_2"))?,
         })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.block_2
-            .forward(&self.attn_1.forward(&self.block_1.forward(x)?)?)
+        let h = self.block_1.forward(x)?;
+        let h = match &self.attn_1 {
+            Some(attn) => attn.forward(&h)?,
+            None => h,
+        };
+        self.block_2.forward(&h)
     }
 }
 
@@ -148,7 +180,7 @@ impl Encoder {
         for (i, mult) in cfg.ch_mult.iter().enumerate() {
             let vb_level = vb.pp(format!("down.{i}"));
             let block_out = cfg.ch * mult;
-            let attn = cfg.attn_resolutions.contains(&res);
+            let attn = cfg.has_attention_at(res);
             let (blocks, attns) =
                 level_blocks(cfg.num_res_blocks, block_in, block_out, attn, g, &vb_level)?;
             block_in = block_out;
@@ -172,7 +204,7 @@ impl Encoder {
         Ok(Self {
             conv_in,
             down,
-            mid: Mid::new(block_in, g, vb.pp("mid"))?,
+            mid: Mid::new(block_in, cfg, vb.pp("mid"))?,
             norm_out: normalize(block_in, g, vb.pp("norm_out"))?,
             conv_out: conv3x3(block_in, z_out, 1, 1, vb.pp("conv_out"))?,
         })
@@ -210,12 +242,12 @@ impl Decoder {
         let mut block_in = cfg.ch * cfg.ch_mult[levels - 1];
         let mut res = cfg.resolution >> (levels - 1);
         let conv_in = conv3x3(cfg.z_channels, block_in, 1, 1, vb.pp("conv_in"))?;
-        let mid = Mid::new(block_in, g, vb.pp("mid"))?;
+        let mid = Mid::new(block_in, cfg, vb.pp("mid"))?;
         let mut up = Vec::with_capacity(levels);
         for (i, mult) in cfg.ch_mult.iter().enumerate().rev() {
             let vb_level = vb.pp(format!("up.{i}"));
             let block_out = cfg.ch * mult;
-            let attn = cfg.attn_resolutions.contains(&res);
+            let attn = cfg.has_attention_at(res);
             let (blocks, attns) = level_blocks(
                 cfg.num_res_blocks + 1,
                 block_in,

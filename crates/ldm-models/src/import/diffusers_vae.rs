@@ -253,7 +253,7 @@ pub fn vae_key_map_for(a: &VaeArch) -> Result<KeyMap> {
 }
 
 /// diffusers `ResnetBlock2D` without a time embedding -> LDM `ResnetBlock` (`temb_channels = 0`).
-fn resnet(m: &mut KeyMap, d: &str, c: &str, inp: usize, out: usize) -> Result<()> {
+pub(super) fn resnet(m: &mut KeyMap, d: &str, c: &str, inp: usize, out: usize) -> Result<()> {
     m.norm(&format!("{d}.norm1"), &format!("{c}.norm1"), inp)?;
     m.conv(&format!("{d}.conv1"), &format!("{c}.conv1"), out, inp, 3)?;
     m.norm(&format!("{d}.norm2"), &format!("{c}.norm2"), out)?;

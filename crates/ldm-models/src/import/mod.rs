@@ -11,6 +11,7 @@
 //! |---|---|---|---|
 //! | `unet/` | [`DiffusersUnetConfig`] -> [`UnetArch`] | [`unet_key_map`] | [`UNET_PREFIX`] |
 //! | `vae/` | [`DiffusersVaeConfig`] -> [`VaeArch`] | [`vae_key_map`] | [`VAE_PREFIX`] |
+//! | `vqvae/` (VQModel) | [`DiffusersVqConfig`] -> [`VqArch`] | [`vq_key_map`] | [`VQ_PREFIX`] |
 //! | `text_encoder/` SD1 | [`DiffusersClipConfig`] -> [`ClipArch`] | [`clip_key_map`] | [`CLIP_PREFIX`] |
 //! | `text_encoder/` SD2 | [`DiffusersClipConfig`] -> [`ClipArch`] | [`open_clip_key_map`] | [`OPEN_CLIP_PREFIX`] |
 //!
@@ -33,6 +34,7 @@ mod key_map;
 pub mod diffusers_clip;
 pub mod diffusers_unet;
 pub mod diffusers_vae;
+pub mod diffusers_vq;
 
 pub use diffusers_clip::{
     clip_key_map, clip_key_map_for, open_clip_key_map, open_clip_key_map_for, Activation, ClipArch,
@@ -42,6 +44,7 @@ pub use diffusers_unet::{
     unet_key_map, unet_key_map_for, DiffusersUnetConfig, Heads, UnetArch, UNET_PREFIX,
 };
 pub use diffusers_vae::{vae_key_map, vae_key_map_for, DiffusersVaeConfig, VaeArch, VAE_PREFIX};
+pub use diffusers_vq::{vq_key_map, vq_key_map_for, DiffusersVqConfig, VqArch, VQ_PREFIX};
 pub use error::{ImportError, KeyReport, MissingKey, Result, ShapeMismatch};
 pub use folder::{component_files, ComponentFiles};
 pub use json::OneOrMany;
