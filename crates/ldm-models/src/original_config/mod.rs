@@ -22,7 +22,7 @@
 //! in `ignored_keys` for the caller to log.
 use std::path::Path;
 
-use yaml_rust2::{Yaml, YamlLoader};
+use yaml_rust2::Yaml;
 
 mod cond_stage;
 mod first_stage;
@@ -331,7 +331,7 @@ impl OriginalConfig {
 }
 
 fn parse_file(text: &str) -> Parsed<OriginalFile> {
-    let docs = YamlLoader::load_from_str(text).map_err(|e| Problem::Yaml(e.to_string()))?;
+    let docs = yaml::load(text)?;
     let root = docs
         .first()
         .ok_or_else(|| Problem::Yaml("empty document".into()))?;

@@ -270,3 +270,22 @@ model:
         Some(Problem::FirstStageOnly { target }) if target == "ldm.models.autoencoder.VQModel"
     ));
 }
+
+#[test]
+fn deeply_nested_yaml_is_an_error_not_a_crash() {
+    for deep in [
+        format!("{}1\n", "- ".repeat(200_000)),
+        format!("model:\n  params:\n    {}1\n", "- ".repeat(200_000)),
+        format!("model: {}\n", "[".repeat(100_000)),
+        format!("model:\n  params: {}1\n", "{a: ".repeat(100_000)),
+        // "Billion laughs": each level repeats the previous one ten times.
+        (1..=9).fold("a0: &a0 [x]\n".to_string(), |acc, i| {
+            format!(
+                "{acc}a{i}: &a{i} [{}]\n",
+                vec![format!("*a{}", i - 1); 10].join(", ")
+            )
+        }),
+    ] {
+        assert!(OriginalFile::parse(&deep, "deep.yaml").is_err());
+    }
+}

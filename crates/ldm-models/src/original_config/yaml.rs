@@ -251,3 +251,95 @@ fn last_of(section: &str) -> String {
         .map(|(_, k)| k.to_string())
         .unwrap_or_else(|| section.to_string())
 }
+
+/// Deepest nesting accepted (real configs nest about 6 deep). The YAML tree is dropped recursively, so an
+/// unbounded depth would overflow the stack.
+const MAX_DEPTH: usize = 64;
+/// Most nodes accepted, counting each alias as the size of what it repeats (bounds "billion laughs" inputs).
+const MAX_NODES: usize = 1_000_000;
+
+/// Measures the event stream before any tree is built: nesting depth and node count with aliases expanded.
+#[derive(Default)]
+struct ShapeCheck {
+    depth: usize,
+    nodes: usize,
+    /// Open collections: (node count at their start, anchor id).
+    open: Vec<(usize, usize)>,
+    /// Node count of each anchored node.
+    anchored: std::collections::HashMap<usize, usize>,
+    problem: Option<String>,
+}
+
+impl yaml_rust2::parser::EventReceiver for ShapeCheck {
+    fn on_event(&mut self, ev: yaml_rust2::parser::Event) {
+        use yaml_rust2::parser::Event;
+        if self.problem.is_some() {
+            return;
+        }
+        match ev {
+            Event::SequenceStart(anchor, _) | Event::MappingStart(anchor, _) => {
+                self.open.push((self.nodes, anchor));
+                self.nodes += 1;
+                self.depth += 1;
+                if self.depth > MAX_DEPTH {
+                    self.problem = Some(format!("nested deeper than {MAX_DEPTH} levels"));
+                }
+            }
+            Event::SequenceEnd | Event::MappingEnd => {
+                self.depth = self.depth.saturating_sub(1);
+                if let Some((start, anchor)) = self.open.pop() {
+                    if anchor > 0 {
+                        self.anchored.insert(anchor, self.nodes - start);
+                    }
+                }
+            }
+            Event::Scalar(_, _, anchor, _) => {
+                self.nodes += 1;
+                if anchor > 0 {
+                    self.anchored.insert(anchor, 1);
+                }
+            }
+            Event::Alias(id) => {
+                let size = self.anchored.get(&id).copied().unwrap_or(1);
+                self.nodes = self.nodes.saturating_add(size);
+            }
+            _ => {}
+        }
+        if self.nodes > MAX_NODES {
+            self.problem = Some(format!(
+                "more than {MAX_NODES} nodes (with aliases expanded)"
+            ));
+        }
+    }
+}
+
+/// Longest run of indentation and block indicators (`- `, `? `, `: `) accepted before a line's content. Block
+/// nesting needs one of these per level, and yaml-rust2's parser recurses per level (a line of 200 000 `- `
+/// overflows its stack), so this bounds the parser's depth before it runs; real configs indent at most 12.
+const MAX_LINE_PREFIX: usize = 256;
+
+/// Parses `text` into documents, refusing inputs too deep or too large to be a model config.
+pub(crate) fn load(text: &str) -> Parsed<Vec<Yaml>> {
+    for (i, line) in text.lines().enumerate() {
+        let prefix = line
+            .chars()
+            .take_while(|c| matches!(c, ' ' | '\t' | '-' | '?' | ':'))
+            .take(MAX_LINE_PREFIX + 1)
+            .count();
+        if prefix > MAX_LINE_PREFIX {
+            return Err(Problem::Yaml(format!(
+                "line {}: more than {MAX_LINE_PREFIX} characters of indentation and block indicators",
+                i + 1
+            )));
+        }
+    }
+    let mut check = ShapeCheck::default();
+    let mut parser = yaml_rust2::parser::Parser::new_from_str(text);
+    parser
+        .load(&mut check, true)
+        .map_err(|e| Problem::Yaml(e.to_string()))?;
+    if let Some(p) = check.problem {
+        return Err(Problem::Yaml(p));
+    }
+    yaml_rust2::YamlLoader::load_from_str(text).map_err(|e| Problem::Yaml(e.to_string()))
+}
