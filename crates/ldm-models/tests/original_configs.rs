@@ -148,6 +148,8 @@ fn super_resolution_bsr_sr_concatenates_the_low_res_image() -> TestResult {
     assert_eq!((c.unet.in_channels, c.unet.out_channels), (6, 3));
     assert_eq!(c.unet.heads, HeadSpec::Dim(32));
     assert_eq!(c.unet.attention_resolutions, vec![16, 8]);
+    // ds = 1, 2, 4, 8 for the four levels: 16 matches none and is ignored, as in the original.
+    assert_eq!(c.unet.attention_levels(), vec![3]);
     assert!(!c.unet.use_spatial_transformer && c.unet.context_dim.is_none());
     assert_eq!(c.cond_stage_key, "LR_image");
     Ok(())
@@ -321,6 +323,10 @@ fn ldm_text_layout_and_semantic_models() -> TestResult {
     );
     assert_eq!((r.multiplier, r.bias), (0.5, false));
     assert_eq!(sem.conditioning_key, Some(ConditioningKey::Concat));
+    // [32, 16, 8] against ds = 1, 2, 4: no level attends, only the middle block.
+    assert_eq!(sem.unet.attention_levels(), Vec::<usize>::new());
+    let v1 = model("handwritten/v1-inference.yaml")?;
+    assert_eq!(v1.unet.attention_levels(), vec![0, 1, 2]);
     Ok(())
 }
 

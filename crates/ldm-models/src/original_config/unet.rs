@@ -79,6 +79,20 @@ impl OriginalUnet {
             .then_some(first)
     }
 
+    /// Levels (indices into `channel_mult`) whose blocks carry attention, as the original decides it: level `l`
+    /// works at downsampling factor 2^l and has attention if that factor is in `attention_resolutions`; factors
+    /// that match no level are ignored (LDM-SR `bsr_sr` lists [16, 8] with four levels: only level 3;
+    /// `semantic_synthesis256` lists [32, 16, 8] with three levels: none, only the middle block attends).
+    pub fn attention_levels(&self) -> Vec<usize> {
+        (0..self.channel_mult.len())
+            .filter(|&l| {
+                1usize
+                    .checked_shl(l as u32)
+                    .is_some_and(|ds| self.attention_resolutions.contains(&ds))
+            })
+            .collect()
+    }
+
     /// The context width when one width serves every level.
     pub fn single_context_dim(&self) -> Option<usize> {
         match &self.context_dim {
