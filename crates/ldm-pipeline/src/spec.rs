@@ -3,9 +3,12 @@
 //! folder's `config.json` files. Sizes come from configs and tensor shapes, never from constants in the pipeline.
 use ldm_core::weights::WeightStore;
 use ldm_models::autoencoder::{AutoencoderKlConfig, DdConfig};
-use ldm_models::original_config::{OriginalConfig, OriginalTextEncoder, Parameterization};
+use ldm_models::original_config::{
+    self as original, OpenClipLayer, OriginalConfig, OriginalFirstStage, OriginalTextEncoder,
+    Parameterization,
+};
 use ldm_models::text::{Activation, TextConfig, TextLayout, TextOutput};
-use ldm_models::unet::{HeadSpec, UnetConfig};
+use ldm_models::unet::UnetConfig;
 use ldm_sampling::{BetaSchedule, PredictionType, SchedulerConfig};
 
 use crate::error::{PipelineError, Result};
@@ -83,10 +86,10 @@ impl ModelSpec {
 
 /// The family an original YAML describes, from its text encoder.
 pub fn original_family(cfg: &OriginalConfig) -> Option<Family> {
-    match cfg.text {
+    match cfg.text() {
         Some(OriginalTextEncoder::Clip { .. }) => Some(Family::Sd1),
         Some(OriginalTextEncoder::OpenClip { .. }) => Some(Family::Sd2),
-        None => None,
+        _ => None,
     }
 }
 
@@ -183,16 +186,14 @@ impl ModelSpec {
     /// From an original inference YAML.
     pub fn from_original(cfg: &OriginalConfig, store: &WeightStore, origin: &str) -> Result<Self> {
         let bad = |reason: String| PipelineError::Model(format!("config {origin}: {reason}"));
+        if let original::DiffusionKind::Upscale { .. } = cfg.kind {
+            return Err(bad(format!(
+                "`{}` is not wired into the pipeline yet",
+                cfg.kind.target()
+            )));
+        }
         let u = &cfg.unet;
-        let heads = if u.num_head_channels > 0 {
-            HeadSpec::Dim(u.num_head_channels as usize)
-        } else if u.num_heads > 0 {
-            HeadSpec::Count(u.num_heads as usize)
-        } else {
-            return Err(bad(
-                "unet_config gives neither num_heads nor num_head_channels".into(),
-            ));
-        };
+        let heads = u.heads;
         let attention_levels = UnetConfig::attention_levels_from_resolutions(
             &u.attention_resolutions,
             u.channel_mult.len(),
@@ -203,20 +204,30 @@ impl ModelSpec {
             out_channels: u.out_channels,
             model_channels: u.model_channels,
             channel_mult: u.channel_mult.clone(),
-            num_res_blocks: u.num_res_blocks,
+            num_res_blocks: u
+                .uniform_res_blocks()
+                .ok_or_else(|| bad("per-level num_res_blocks are not supported yet".into()))?,
             attention_levels,
             heads,
             transformer_depth: u.transformer_depth,
             context_dim: u
-                .context_dim
-                .ok_or_else(|| bad("unet_config has no context_dim".into()))?,
+                .single_context_dim()
+                .ok_or_else(|| bad("unet_config has no single context_dim".into()))?,
             use_linear_in_transformer: u.use_linear_in_transformer,
             num_groups: 32,
         };
         unet.validate().map_err(|e| bad(e.to_string()))?;
-        let f = &cfg.first_stage;
+        let (embed_dim, f) = match &cfg.first_stage {
+            OriginalFirstStage::Kl(kl) => (kl.embed_dim, &kl.ddconfig),
+            other => {
+                let target = other.target();
+                return Err(bad(format!(
+                    "first stage `{target}` is not supported here yet"
+                )));
+            }
+        };
         let vae = AutoencoderKlConfig {
-            embed_dim: f.embed_dim,
+            embed_dim,
             ddconfig: DdConfig {
                 ch: f.ch,
                 out_ch: f.out_ch,
@@ -231,8 +242,8 @@ impl ModelSpec {
                 attn_type: Default::default(),
             },
         };
-        let (family, layout, prefix, activation, output, heads) = match &cfg.text {
-            Some(OriginalTextEncoder::Clip { num_heads }) => (
+        let (family, layout, prefix, activation, output, heads) = match cfg.text() {
+            Some(OriginalTextEncoder::Clip { num_heads, .. }) => (
                 Family::Sd1,
                 TextLayout::Hf,
                 CLIP_PREFIX,
@@ -240,11 +251,12 @@ impl ModelSpec {
                 TextOutput::Last,
                 *num_heads,
             ),
-            Some(OriginalTextEncoder::OpenClip { layer, num_heads }) => {
-                let output = match layer.as_str() {
-                    "last" => TextOutput::Last,
-                    "penultimate" => TextOutput::PENULTIMATE,
-                    other => return Err(bad(format!("unknown OpenCLIP layer `{other}`"))),
+            Some(OriginalTextEncoder::OpenClip {
+                layer, num_heads, ..
+            }) => {
+                let output = match layer {
+                    OpenClipLayer::Last => TextOutput::Last,
+                    OpenClipLayer::Penultimate => TextOutput::PENULTIMATE,
                 };
                 (
                     Family::Sd2,
@@ -255,13 +267,19 @@ impl ModelSpec {
                     *num_heads,
                 )
             }
-            None => {
+            _ => {
                 return Err(bad(
-                    "no cond_stage_config: ldm-rs's txt2img needs a text encoder".into(),
+                    "no CLIP/OpenCLIP cond_stage_config: ldm-rs's txt2img needs one".into(),
                 ))
             }
         };
         let text = text_config(store, prefix, layout, heads, activation, output)?;
+        if cfg.beta_schedule != original::BetaSchedule::Linear {
+            return Err(bad(format!(
+                "beta_schedule {:?} is not supported yet",
+                cfg.beta_schedule
+            )));
+        }
         let scheduler = SchedulerConfig {
             num_train_timesteps: cfg.timesteps,
             beta_start: Some(cfg.linear_start),
@@ -270,6 +288,9 @@ impl ModelSpec {
             prediction_type: match cfg.parameterization {
                 Parameterization::Eps => PredictionType::Epsilon,
                 Parameterization::V => PredictionType::VPrediction,
+                Parameterization::X0 => {
+                    return Err(bad("x0-parameterization is not supported yet".into()))
+                }
             },
             ..SchedulerConfig::sd_default()
         };
