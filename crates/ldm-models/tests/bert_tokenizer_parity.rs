@@ -50,11 +50,18 @@ fn check(file: &str, tok: &BertTokenizer) {
             ("len8", &got8, &len8[i]),
         ] {
             if got != want {
-                failures.push(format!("{file} #{i} {what} {p:?}:\n  got  {got:?}\n  want {want:?}"));
+                failures.push(format!(
+                    "{file} #{i} {what} {p:?}:\n  got  {got:?}\n  want {want:?}"
+                ));
             }
         }
     }
-    assert!(failures.is_empty(), "{} mismatches:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} mismatches:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 #[test]

@@ -207,11 +207,7 @@ fn token_content(v: &Value) -> Option<String> {
 }
 
 /// Reads the special tokens and switches of `tokenizer_config.json` / `special_tokens_map.json` (the latter wins).
-fn read_settings(
-    dir: &Path,
-    specials: &mut BertSpecials,
-    options: &mut BertOptions,
-) -> Result<()> {
+fn read_settings(dir: &Path, specials: &mut BertSpecials, options: &mut BertOptions) -> Result<()> {
     for name in ["tokenizer_config.json", "special_tokens_map.json"] {
         let path = dir.join(name);
         if !path.is_file() {
@@ -230,7 +226,10 @@ fn read_settings(
                 None | Some(Value::Null) => {}
                 Some(t) => {
                     *slot = token_content(t).ok_or_else(|| {
-                        format_err(&path, format!("`{key}` is neither a string nor an AddedToken"))
+                        format_err(
+                            &path,
+                            format!("`{key}` is neither a string nor an AddedToken"),
+                        )
                     })?
                 }
             }
@@ -239,7 +238,10 @@ fn read_settings(
             match v.get(key) {
                 None | Some(Value::Null) => Ok(None),
                 Some(Value::Bool(b)) => Ok(Some(*b)),
-                Some(other) => Err(format_err(&path, format!("`{key}` = {other} is not a bool"))),
+                Some(other) => Err(format_err(
+                    &path,
+                    format!("`{key}` = {other} is not a bool"),
+                )),
             }
         };
         if let Some(b) = flag("do_lower_case")? {
@@ -360,10 +362,11 @@ impl BertTokenizer {
         let mut specials = BertSpecials::default();
         let (vocab_txt, tok_json) = (dir.join("vocab.txt"), dir.join("tokenizer.json"));
         let vocab = if vocab_txt.is_file() {
-            let text = std::fs::read_to_string(&vocab_txt).map_err(|source| TokenizerError::Io {
-                path: vocab_txt.clone(),
-                source,
-            })?;
+            let text =
+                std::fs::read_to_string(&vocab_txt).map_err(|source| TokenizerError::Io {
+                    path: vocab_txt.clone(),
+                    source,
+                })?;
             WordPieceVocab::from_vocab_txt(&text)
         } else if tok_json.is_file() {
             read_tokenizer_json(&tok_json, &mut options)?
@@ -517,7 +520,10 @@ impl BertTokenizer {
     fn fast_words(&self, text: &str) -> Vec<String> {
         let mut s = String::with_capacity(text.len());
         for c in text.chars() {
-            if c == '\0' || c == '\u{FFFD}' || (!matches!(c, '\t' | '\n' | '\r') && char_is(&CONTROL, c)) {
+            if c == '\0'
+                || c == '\u{FFFD}'
+                || (!matches!(c, '\t' | '\n' | '\r') && char_is(&CONTROL, c))
+            {
                 continue;
             }
             let is_space = matches!(c, '\t' | '\n' | '\r') || c.is_whitespace();
@@ -551,7 +557,10 @@ impl BertTokenizer {
         };
         let mut s = String::with_capacity(text.len());
         for c in text.chars() {
-            if c == '\0' || c == '\u{FFFD}' || (!matches!(c, '\t' | '\n' | '\r') && char_is(&CONTROL, c)) {
+            if c == '\0'
+                || c == '\u{FFFD}'
+                || (!matches!(c, '\t' | '\n' | '\r') && char_is(&CONTROL, c))
+            {
                 continue;
             }
             if matches!(c, ' ' | '\t' | '\n' | '\r') || char_is(&SPACE_SEPARATOR, c) {
@@ -564,7 +573,10 @@ impl BertTokenizer {
         }
         let nfc: String = s.nfc().collect();
         let mut words = Vec::new();
-        for token in nfc.split(super::text::is_py_space).filter(|t| !t.is_empty()) {
+        for token in nfc
+            .split(super::text::is_py_space)
+            .filter(|t| !t.is_empty())
+        {
             let mut token = token.to_owned();
             if lower {
                 token = token.to_lowercase(); // Python `str.lower`: word-final Σ → ς
