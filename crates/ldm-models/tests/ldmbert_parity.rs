@@ -124,3 +124,41 @@ fn bad_ids_are_errors() -> Result<()> {
     assert_eq!(out.dims(), &[1, 2, 8]);
     Ok(())
 }
+
+/// The end-to-end fixture's text conditioning (`fixtures/ldm-txt2img-tiny`, diffusers `LDMTextToImagePipeline`):
+/// the pipeline's token ids and `bert(ids)[0]` for every case, and the empty prompt CFG uses.
+#[test]
+fn txt2img_fixture_context_matches() -> Result<()> {
+    let dir = "ldm-txt2img-tiny/diffusers";
+    let cfg = DiffusersLdmBertConfig::from_file(&fixture(&format!("{dir}/bert/config.json")))
+        .map_err(candle_core::Error::wrap)?;
+    let map = ldmbert_key_map(&cfg).map_err(candle_core::Error::wrap)?;
+    let tensors = load(&format!("{dir}/bert/model.safetensors"))?;
+    let canonical = map.to_canonical(tensors).map_err(candle_core::Error::wrap)?;
+    let arch = cfg.arch().map_err(candle_core::Error::wrap)?;
+    let vb = VarBuilder::from_tensors(canonical.into_iter().collect(), DType::F32, &Device::Cpu);
+    let model = XTransformer::load(vb, &XTransformerConfig::from(&arch))?;
+    let tok = BertTokenizer::from_dir(&fixture(&format!("{dir}/tokenizer"))).map_err(candle_core::Error::wrap)?;
+    let text = std::fs::read_to_string(fixture("ldm-txt2img-tiny/cases.json"))?;
+    let cases: serde_json::Value = serde_json::from_str(&text).map_err(candle_core::Error::wrap)?;
+    let refs = load("ldm-txt2img-tiny/ref.safetensors")?;
+    let mut batches: Vec<(String, Vec<String>)> = vec![("text.uncond".into(), vec![String::new()])];
+    for c in cases["cases"].as_array().expect("cases") {
+        let prompts = c["prompts"].as_array().expect("prompts").iter();
+        batches.push((
+            format!("txt2img.{}", c["name"].as_str().expect("name")),
+            prompts.map(|p| p.as_str().expect("prompt").to_string()).collect(),
+        ));
+    }
+    for (name, prompts) in batches {
+        let ids: Vec<Vec<u32>> = prompts.iter().map(|p| tok.encode_for_model(p)).collect();
+        let want_ids = refs[&format!("{name}.ids").replace("text.uncond.ids", "text.uncond_ids")]
+            .to_dtype(DType::U32)?
+            .to_vec2::<u32>()?;
+        assert_eq!(ids, want_ids, "{name} ids");
+        let ids = Tensor::new(ids, &Device::Cpu)?;
+        let key = format!("{name}.context").replace("text.uncond.context", "text.uncond_context");
+        assert_close(&key, &model.forward(&ids)?, &refs[&key], 1e-4, 1e-5)?;
+    }
+    Ok(())
+}
