@@ -134,11 +134,14 @@ fn txt2img_fixture_context_matches() -> Result<()> {
         .map_err(candle_core::Error::wrap)?;
     let map = ldmbert_key_map(&cfg).map_err(candle_core::Error::wrap)?;
     let tensors = load(&format!("{dir}/bert/model.safetensors"))?;
-    let canonical = map.to_canonical(tensors).map_err(candle_core::Error::wrap)?;
+    let canonical = map
+        .to_canonical(tensors)
+        .map_err(candle_core::Error::wrap)?;
     let arch = cfg.arch().map_err(candle_core::Error::wrap)?;
     let vb = VarBuilder::from_tensors(canonical.into_iter().collect(), DType::F32, &Device::Cpu);
     let model = XTransformer::load(vb, &XTransformerConfig::from(&arch))?;
-    let tok = BertTokenizer::from_dir(&fixture(&format!("{dir}/tokenizer"))).map_err(candle_core::Error::wrap)?;
+    let tok = BertTokenizer::from_dir(&fixture(&format!("{dir}/tokenizer")))
+        .map_err(candle_core::Error::wrap)?;
     let text = std::fs::read_to_string(fixture("ldm-txt2img-tiny/cases.json"))?;
     let cases: serde_json::Value = serde_json::from_str(&text).map_err(candle_core::Error::wrap)?;
     let refs = load("ldm-txt2img-tiny/ref.safetensors")?;
@@ -147,7 +150,9 @@ fn txt2img_fixture_context_matches() -> Result<()> {
         let prompts = c["prompts"].as_array().expect("prompts").iter();
         batches.push((
             format!("txt2img.{}", c["name"].as_str().expect("name")),
-            prompts.map(|p| p.as_str().expect("prompt").to_string()).collect(),
+            prompts
+                .map(|p| p.as_str().expect("prompt").to_string())
+                .collect(),
         ));
     }
     for (name, prompts) in batches {
