@@ -167,3 +167,34 @@ fn txt2img_fixture_context_matches() -> Result<()> {
     }
     Ok(())
 }
+
+/// The end-to-end fixture's other components go through the existing diffusers importers strictly (every tensor
+/// mapped, none unused), so the pipeline test can build the whole model from the folder.
+#[test]
+fn txt2img_fixture_unet_and_vqvae_map_strictly() {
+    use ldm_models::import::{
+        component_files, unet_key_map, vae_key_map, DiffusersUnetConfig, DiffusersVaeConfig,
+    };
+    let dir = fixture("ldm-txt2img-tiny/diffusers");
+    let unet = component_files(&dir, "unet").expect("unet files");
+    let cfg = DiffusersUnetConfig::from_file(&unet.config).expect("unet config");
+    let arch = cfg.arch().expect("unet arch");
+    assert_eq!(arch.context_dim, 8);
+    let tensors =
+        candle_core::safetensors::load(&unet.weights, &Device::Cpu).expect("unet weights");
+    let n = tensors.len();
+    let mapped = unet_key_map(&cfg)
+        .expect("unet map")
+        .to_canonical(tensors)
+        .expect("unet tensors map");
+    assert_eq!(mapped.len(), n);
+    let vqvae = component_files(&dir, "vqvae").expect("vqvae files");
+    let cfg = DiffusersVaeConfig::from_file(&vqvae.config).expect("vae config");
+    let tensors =
+        candle_core::safetensors::load(&vqvae.weights, &Device::Cpu).expect("vae weights");
+    let mapped = vae_key_map(&cfg)
+        .expect("vae map")
+        .to_canonical(tensors)
+        .expect("vae tensors map");
+    assert!(mapped.iter().any(|(k, _)| k.starts_with("decoder.up.3.")));
+}

@@ -93,6 +93,21 @@ impl XTransformerConfig {
         }
     }
 
+    /// `TransformerEmbedder(n_embed, n_layer, vocab_size, max_seq_len)` (the layout-to-image box-token encoder): the
+    /// same network without a tokenizer, with its own vocabulary size.
+    pub fn transformer_embedder(
+        n_embed: usize,
+        n_layer: usize,
+        vocab_size: usize,
+        max_seq_len: usize,
+    ) -> Self {
+        Self {
+            vocab_size,
+            max_seq_len,
+            ..Self::bert(n_embed, n_layer)
+        }
+    }
+
     /// Attention inner width `heads · dim_head`.
     pub fn inner(&self) -> usize {
         self.heads * self.dim_head
