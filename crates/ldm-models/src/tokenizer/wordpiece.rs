@@ -741,4 +741,62 @@ mod tests {
         let words = BertTokenizer::builtin().fast_words("Hello,World!東京 Café");
         assert_eq!(words, ["hello", ",", "world", "!", "東", "京", "cafe"]);
     }
+
+    fn temp_dir(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("ldm-wordpiece-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        dir
+    }
+
+    #[test]
+    fn reads_a_tokenizer_json_folder_with_its_normalizer_switches() {
+        let dir = temp_dir("json");
+        let vocab = r###"{"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, "[MASK]": 4, "hel": 5, "##lo": 6,
+                        "Hel": 7, "é": 8}"###;
+        let json = format!(
+            r###"{{"normalizer": {{"type": "BertNormalizer", "clean_text": true, "handle_chinese_chars": true,
+                 "strip_accents": false, "lowercase": false}},
+                "model": {{"type": "WordPiece", "unk_token": "[UNK]", "continuing_subword_prefix": "##",
+                 "max_input_chars_per_word": 100, "vocab": {vocab}}}}}"###
+        );
+        std::fs::write(dir.join("tokenizer.json"), json).expect("write");
+        let t = BertTokenizer::from_dir(&dir).expect("folder");
+        assert_eq!(t.vocab_size(), 9);
+        assert_eq!(
+            t.options(),
+            BertOptions {
+                do_lower_case: false,
+                strip_accents: Some(false),
+                tokenize_chinese_chars: true
+            }
+        );
+        // case and accents kept: "Hello" -> Hel ##lo, "hello" -> hel ##lo, "é" stays é
+        assert_eq!(t.encode("Hello hello é"), [7, 6, 5, 6, 8]);
+        assert_eq!(
+            t.encode_padded("hello", 6).expect("6 >= 2"),
+            [2, 5, 6, 3, 0, 0]
+        );
+        std::fs::write(
+            dir.join("special_tokens_map.json"),
+            r#"{"pad_token": "<pad>"}"#,
+        )
+        .expect("write");
+        assert!(matches!(
+            BertTokenizer::from_dir(&dir),
+            Err(TokenizerError::UnknownToken { role: "pad", .. })
+        ));
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn a_folder_without_vocabulary_is_an_error_or_falls_back() {
+        let dir = temp_dir("empty");
+        assert!(matches!(
+            BertTokenizer::from_dir(&dir),
+            Err(TokenizerError::Format { .. })
+        ));
+        let t = BertTokenizer::from_dir_or_builtin(&dir).expect("builtin");
+        assert_eq!(t.vocab_size(), 30522);
+        std::fs::remove_dir_all(&dir).ok();
+    }
 }
