@@ -198,3 +198,73 @@ fn txt2img_fixture_unet_and_vqvae_map_strictly() {
         .expect("vae tensors map");
     assert!(mapped.iter().any(|(k, _)| k.starts_with("decoder.up.3.")));
 }
+
+/// Records every (name, shape) the loader asks for and answers with a broadcast zero (no allocation), so the
+/// full-size model can be "loaded" without weights.
+struct Recorder(std::sync::Mutex<Vec<(String, Vec<usize>)>>);
+
+impl candle_nn::var_builder::SimpleBackend for &Recorder {
+    fn get(
+        &self,
+        s: candle_core::Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<Tensor> {
+        if let Ok(mut seen) = self.0.lock() {
+            seen.push((name.to_string(), s.dims().to_vec()));
+        }
+        Tensor::zeros((), dtype, dev)?.broadcast_as(s)
+    }
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> Result<Tensor> {
+        candle_core::bail!("unexpected unchecked get of {name}")
+    }
+    fn contains_tensor(&self, _: &str) -> bool {
+        true
+    }
+}
+
+/// Key manifest of the paper's full-size encoder (`txt2img-1p4B-eval.yaml`: n_embed 1280, n_layer 32), taken from
+/// CompVis' `TransformerWrapper` and diffusers' `LDMBertModel` (default config) built on the meta device
+/// (`make_ldmbert.py`): the key map's two sides, the shapes the config is inferred from and the tensors the
+/// loader requests all agree with it.
+#[test]
+fn full_size_manifest_matches_map_inference_and_loader() -> Result<()> {
+    type Manifest = Vec<(String, Vec<usize>)>;
+    let text = std::fs::read_to_string(fixture("ldmbert-tiny/manifest_1p4b.json"))?;
+    let doc: serde_json::Value = serde_json::from_str(&text).map_err(candle_core::Error::wrap)?;
+    let read = |side: &str| -> Manifest {
+        serde_json::from_value(doc[side].clone()).expect("manifest list")
+    };
+    let (canonical, diffusers) = (read("canonical"), read("diffusers"));
+    let cfg = DiffusersLdmBertConfig::from_json(&doc["diffusers_config"].to_string())
+        .map_err(candle_core::Error::wrap)?;
+    let map = ldmbert_key_map(&cfg).map_err(candle_core::Error::wrap)?;
+    let sorted = |mut m: Manifest| {
+        m.sort();
+        m
+    };
+    assert_eq!(sorted(map.diffusers_manifest()), sorted(diffusers.clone()));
+    assert_eq!(sorted(map.canonical_manifest()), sorted(canonical.clone()));
+    // defaults of DiffusersLdmBertConfig are the same model
+    let defaults = DiffusersLdmBertConfig::from_json("{}").map_err(candle_core::Error::wrap)?;
+    let defaults = ldmbert_key_map(&defaults).map_err(candle_core::Error::wrap)?;
+    assert_eq!(sorted(defaults.diffusers_manifest()), sorted(diffusers));
+
+    let shapes: HashMap<String, Vec<usize>> = canonical.iter().cloned().collect();
+    let inferred = XTransformerConfig::infer(|k| shapes.get(k).cloned(), None)
+        .map_err(candle_core::Error::wrap)?;
+    assert_eq!(inferred, XTransformerConfig::ldm_txt2img_1p4b());
+
+    let recorder = Recorder(std::sync::Mutex::new(Vec::new()));
+    let vb = VarBuilder::from_backend(Box::new(&recorder), DType::F32, Device::Cpu);
+    XTransformer::load(vb, &inferred)?;
+    let requested = recorder.0.lock().expect("recorder").clone();
+    let expected: Manifest = canonical
+        .into_iter()
+        .filter(|(k, _)| !UNUSED_KEYS.contains(&k.as_str()))
+        .collect();
+    assert_eq!(sorted(requested), sorted(expected));
+    Ok(())
+}
