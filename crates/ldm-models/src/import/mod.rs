@@ -14,6 +14,7 @@
 //! | `vqvae/` (VQModel) | [`DiffusersVqConfig`] -> [`VqArch`] | [`vq_key_map`] | [`VQ_PREFIX`] |
 //! | `text_encoder/` SD1 | [`DiffusersClipConfig`] -> [`ClipArch`] | [`clip_key_map`] | [`CLIP_PREFIX`] |
 //! | `text_encoder/` SD2 | [`DiffusersClipConfig`] -> [`ClipArch`] | [`open_clip_key_map`] | [`OPEN_CLIP_PREFIX`] |
+//! | `bert/` (LDM text2img) | [`DiffusersLdmBertConfig`] -> [`LdmBertArch`] | [`ldmbert_key_map`] | [`LDMBERT_PREFIX`] |
 //!
 //! [`component_files`] finds a component's `config.json` and weights in a diffusers folder.
 //! Maps give canonical names relative to the component's prefix; [`KeyMap::with_canonical_prefix`] adds it.
@@ -32,6 +33,7 @@ mod json;
 mod key_map;
 
 pub mod diffusers_clip;
+pub mod diffusers_ldmbert;
 pub mod diffusers_unet;
 pub mod diffusers_vae;
 pub mod diffusers_vq;
@@ -39,6 +41,9 @@ pub mod diffusers_vq;
 pub use diffusers_clip::{
     clip_key_map, clip_key_map_for, open_clip_key_map, open_clip_key_map_for, Activation, ClipArch,
     DiffusersClipConfig, CLIP_PREFIX, OPEN_CLIP_PREFIX, POSITION_IDS,
+};
+pub use diffusers_ldmbert::{
+    ldmbert_key_map, ldmbert_key_map_for, DiffusersLdmBertConfig, LdmBertArch, LDMBERT_PREFIX,
 };
 pub use diffusers_unet::{
     unet_key_map, unet_key_map_for, DiffusersUnetConfig, Heads, UnetArch, UNET_PREFIX,

@@ -27,6 +27,7 @@ mod added;
 mod bpe;
 mod files;
 mod text;
+pub mod wordpiece;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -36,6 +37,7 @@ pub use added::AddedToken;
 use added::Piece;
 pub use bpe::{builtin_vocab, BpeModel, CLIP_MERGES, END_OF_WORD};
 use files::RoleSpec;
+pub use wordpiece::{BertFlavor, BertOptions, BertSpecials, BertTokenizer, BERT_MAX_LEN};
 
 /// CLIP's context length.
 pub const CLIP_MAX_LEN: usize = 77;
