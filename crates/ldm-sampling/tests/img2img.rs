@@ -146,11 +146,7 @@ fn add_noise_uses_each_schedulers_own_form() {
         for (g, w) in got.iter().zip(&want) {
             assert!((g - w).abs() <= 1e-9, "{kind}: {g} vs {w}");
         }
-        assert_eq!(
-            plan.start_level().is_some(),
-            true,
-            "{kind} has a first level"
-        );
+        assert!(plan.start_level().is_some(), "{kind} has a first level");
     }
     // no steps left: the latents stay clean and running changes nothing
     let none = prepare_img2img(SamplerKind::Euler, &cfg, 10, false, 0.0, 0.05).expect("plan");
