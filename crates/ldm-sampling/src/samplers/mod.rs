@@ -1,4 +1,4 @@
-//! The samplers, each a plain function of a [`Denoiser`] (STYLE P1).
+//! The samplers, each a plain function of a [`Denoiser`](crate::Denoiser) (STYLE P1).
 //!
 //! Two families, two scalings:
 //!
