@@ -7,7 +7,9 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use ldm_pipeline::{ConfigOverride, GenerateRequest, PipelineError};
 
+mod img2img;
 mod info;
+mod inpaint;
 mod txt2img;
 
 #[derive(Parser)]
@@ -25,6 +27,11 @@ struct Cli {
 enum Command {
     /// Generate images from a text prompt.
     Txt2img(Box<Txt2imgArgs>),
+    /// Generate images from an image and a prompt (SDEdit): `--init-image FILE --strength F`.
+    Img2img(Box<img2img::Img2imgArgs>),
+    /// Repaint the white part of a mask (`--image FILE --mask FILE`), or outpaint (`--pad L,T,R,B`); with an
+    /// inpainting model or a plain one.
+    Inpaint(Box<inpaint::InpaintArgs>),
     /// Describe a checkpoint: form, family, prediction type, dtypes, parameters per component.
     Info {
         /// A .safetensors / .ckpt file or a diffusers folder.
@@ -80,7 +87,7 @@ struct Txt2imgArgs {
 }
 
 /// The model used when `--model` is not given: `$LDM_MODEL`, else an error saying how to choose one.
-fn default_model() -> anyhow::Result<PathBuf> {
+pub(crate) fn default_model() -> anyhow::Result<PathBuf> {
     match std::env::var_os("LDM_MODEL") {
         Some(p) => Ok(PathBuf::from(p)),
         None => anyhow::bail!(
@@ -96,6 +103,8 @@ fn config_override(c: &Option<String>) -> Option<ConfigOverride> {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Info { path, config } => info::run(&path, config_override(&config).as_ref()),
+        Command::Img2img(a) => img2img::run(*a),
+        Command::Inpaint(a) => inpaint::run(*a),
         Command::Txt2img(a) => {
             let prompt = a
                 .text

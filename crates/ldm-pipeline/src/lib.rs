@@ -1,8 +1,12 @@
 //! ldm-pipeline: the only crate that joins models and samplers — opening checkpoints in their three forms,
 //! building the networks strictly, and the generation tasks.
 pub mod error;
+pub mod img2img;
 pub mod infotext;
+pub mod init_image;
+pub mod inpaint;
 pub mod load;
+pub mod mask;
 pub mod models;
 pub mod request;
 pub mod source;
@@ -12,4 +16,4 @@ pub mod txt2img;
 pub use error::{PipelineError, Result};
 pub use load::{open, ConfigOverride, Opened};
 pub use models::SdModels;
-pub use request::{GenerateRequest, ValidRequest};
+pub use request::{GenerateRequest, ImageRequest, ImageTask, ValidImageRequest, ValidRequest};

@@ -1,5 +1,5 @@
 //! A txt2img request as the CLI (and later the server) states it, and its validation against a model
-//! (STYLE P9): pipelines accept only a [`ValidRequest`].
+//! (STYLE P9): pipelines accept only a [`ValidRequest`] (img2img and inpainting: a [`ValidImageRequest`]).
 use std::path::PathBuf;
 
 use ldm_sampling::SamplerKind;
@@ -76,6 +76,11 @@ impl GenerateRequest {
                 "this is an inpainting model (its UNet takes mask and image channels); txt2img needs a plain model",
             ));
         }
+        self.check(spec, random_seed)
+    }
+
+    /// Every check but the model's kind.
+    fn check(&self, spec: &ModelSpec, random_seed: u64) -> Result<ValidRequest> {
         let sampler: SamplerKind = self.sampler.parse().map_err(|_| {
             PipelineError::invalid(
                 "sampler",
@@ -168,5 +173,109 @@ pub fn a1111_sampler_name(kind: SamplerKind, karras: bool) -> String {
         format!("{base} Karras")
     } else {
         base.to_string()
+    }
+}
+
+/// The two tasks that start from an image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImageTask {
+    /// SDEdit image-to-image (a plain model).
+    Img2img,
+    /// Inpainting: a 9-channel inpainting model, or a plain model by latent blending.
+    Inpaint,
+}
+
+impl ImageTask {
+    /// The request field that names the input image.
+    pub fn image_field(self) -> &'static str {
+        match self {
+            ImageTask::Img2img => "init-image",
+            ImageTask::Inpaint => "image",
+        }
+    }
+}
+
+/// An img2img or inpainting request: the txt2img fields (`width`/`height` may be left out: the size is the
+/// input image's; `noise` is not used by these tasks) and the strength.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageRequest {
+    pub generate: GenerateRequest,
+    /// How far the input is noised before sampling (SDEdit's t₀/T; A1111's "Denoising strength"), in [0, 1].
+    pub strength: f64,
+}
+
+/// An [`ImageRequest`] checked against the model and the input image.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidImageRequest {
+    /// `width` and `height` are the input image's.
+    pub base: ValidRequest,
+    pub strength: f64,
+}
+
+impl ImageRequest {
+    /// Checks every field for `task` on an input image of `width` × `height` pixels (after any outpainting
+    /// padding); `random_seed` is used when no seed was asked for.
+    pub fn validate(
+        &self,
+        spec: &ModelSpec,
+        task: ImageTask,
+        (width, height): (usize, usize),
+        random_seed: u64,
+    ) -> Result<ValidImageRequest> {
+        if task == ImageTask::Img2img && spec.is_inpainting() {
+            return Err(PipelineError::invalid(
+                "model",
+                "this is an inpainting model (its UNet takes mask and image channels); use inpaint with a mask",
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.strength) {
+            return Err(PipelineError::invalid(
+                "strength",
+                format!("{} is not a number in [0, 1]", self.strength),
+            ));
+        }
+        if self.generate.noise.is_some() {
+            return Err(PipelineError::invalid(
+                "noise",
+                "a noise file is for txt2img; img2img and inpainting draw their noise from the seed",
+            ));
+        }
+        let field = task.image_field();
+        for (given, side, name) in [
+            (self.generate.width, width, "width"),
+            (self.generate.height, height, "height"),
+        ] {
+            if given.is_some_and(|g| g != side) {
+                return Err(PipelineError::invalid(
+                    field,
+                    format!("the image is {width}x{height}, but a {name} of {} was asked for (the image is not resized)", given.unwrap_or(0)),
+                ));
+            }
+        }
+        let m = spec.size_multiple();
+        if width == 0 || height == 0 || width > MAX_SIDE || height > MAX_SIDE {
+            return Err(PipelineError::invalid(
+                field,
+                format!("the image is {width}x{height}; sides must be in 1..={MAX_SIDE}"),
+            ));
+        }
+        if !width.is_multiple_of(m) || !height.is_multiple_of(m) {
+            return Err(PipelineError::invalid(
+                field,
+                format!(
+                    "the image is {width}x{height}; both sides must be multiples of {m} (this model's f × UNet \
+                     downsampling; the image is not resized: crop or pad it)"
+                ),
+            ));
+        }
+        let generate = GenerateRequest {
+            width: Some(width),
+            height: Some(height),
+            ..self.generate.clone()
+        };
+        Ok(ValidImageRequest {
+            base: generate.check(spec, random_seed)?,
+            strength: self.strength,
+        })
     }
 }

@@ -10,24 +10,34 @@
 //! 4. x = D(z_0 / scale), mapped from [−1, 1] to [0, 1].
 use candle_core::{DType, Tensor};
 use ldm_core::rng::{NoiseRng, TorchRng};
-use ldm_sampling::{denoiser_for, guidance_enabled, prepare, run, Cfg, NoisePredictor, Step};
+use ldm_sampling::{
+    denoiser_for, guidance_enabled, prepare, run_latents, Cfg, KnownRegion, NoisePredictor, Plan,
+    Step,
+};
 
 use crate::error::{PipelineError, Result};
 use crate::models::SdModels;
 use crate::request::ValidRequest;
 
 /// The UNet with a fixed context, as the sampler sees it.
-struct UnetPredictor<'a> {
-    models: &'a SdModels,
+pub(crate) struct UnetPredictor<'a> {
+    pub models: &'a SdModels,
     /// [B', L, D], B' equal to the batch the sampler passes.
-    context: Tensor,
+    pub context: Tensor,
+    /// Channels concatenated after the (scaled) latent input, [B', C', H, W]: a 9-channel inpainting UNet's
+    /// mask and masked-image latents.
+    pub extra: Option<Tensor>,
 }
 
 impl NoisePredictor for UnetPredictor<'_> {
     fn predict(&self, x_in: &Tensor, t: f64) -> ldm_sampling::Result<Tensor> {
         let b = x_in.dim(0)?;
         let t = Tensor::full(t as f32, b, x_in.device())?;
-        Ok(self.models.unet.forward(x_in, &t, &self.context)?)
+        let x_in = match &self.extra {
+            Some(extra) => Tensor::cat(&[x_in, extra], 1)?,
+            None => x_in.clone(),
+        };
+        Ok(self.models.unet.forward(&x_in, &t, &self.context)?)
     }
 }
 
@@ -97,49 +107,86 @@ pub fn txt2img(models: &SdModels, req: &ValidRequest, progress: Progress<'_>) ->
     .map_err(|e| PipelineError::invalid("sampler", e.to_string()))?;
     let mut rng = TorchRng::new(req.seed);
     let noise = initial_noise(models, req, &mut rng)?;
-    let b = req.batch;
-    let cond = models
-        .encode_prompts(&[req.prompt.as_str()])?
-        .repeat((b, 1, 1))?;
-    let latents = if guidance_enabled(req.cfg_scale) {
-        let uncond = models
-            .encode_prompts(&[req.negative_prompt.as_str()])?
-            .repeat((b, 1, 1))?;
-        let context = Tensor::cat(&[&uncond, &cond], 0)?;
-        let model = Cfg {
-            inner: UnetPredictor { models, context },
-            scale: req.cfg_scale,
-        };
-        sample(&plan, models, model, &noise, &mut rng, progress)?
-    } else {
-        sample(
-            &plan,
-            models,
-            UnetPredictor {
-                models,
-                context: cond,
-            },
-            &noise,
-            &mut rng,
-            progress,
-        )?
+    let context = prompt_context(models, req)?;
+    let latents = (noise * plan.init_noise_sigma)?;
+    let sampler = Sampling {
+        plan: &plan,
+        models,
+        req,
+        context,
+        extra: None,
     };
+    let latents = sampler.run(latents, &mut rng, None, progress)?;
     let images = decode(models, &latents)?;
     Ok(Generated { latents, images })
 }
 
-fn sample<P: NoisePredictor>(
-    plan: &ldm_sampling::Plan,
-    models: &SdModels,
-    model: P,
-    noise: &Tensor,
-    rng: &mut dyn NoiseRng,
-    progress: Progress<'_>,
-) -> Result<Tensor> {
-    let denoiser = denoiser_for(models.spec.prediction(), model);
-    let mut on_step = |s: Step<'_>| progress(s.index + 1, s.total);
-    run(plan, denoiser.as_ref(), noise, rng, &mut on_step)
+/// The UNet's text context for `req`: the prompt's × B, preceded by the negative prompt's × B when guidance
+/// is on ([2B, L, D] or [B, L, D]).
+pub(crate) fn prompt_context(models: &SdModels, req: &ValidRequest) -> Result<Tensor> {
+    let b = req.batch;
+    let cond = models
+        .encode_prompts(&[req.prompt.as_str()])?
+        .repeat((b, 1, 1))?;
+    if !guidance_enabled(req.cfg_scale) {
+        return Ok(cond);
+    }
+    let uncond = models
+        .encode_prompts(&[req.negative_prompt.as_str()])?
+        .repeat((b, 1, 1))?;
+    Ok(Tensor::cat(&[&uncond, &cond], 0)?)
+}
+
+/// One sampling run of a request: the plan, the UNet with its context (from [`prompt_context`]) and any extra
+/// input channels (given for the whole UNet batch, i.e. doubled under guidance).
+pub(crate) struct Sampling<'a> {
+    pub plan: &'a Plan,
+    pub models: &'a SdModels,
+    pub req: &'a ValidRequest,
+    pub context: Tensor,
+    pub extra: Option<Tensor>,
+}
+
+impl Sampling<'_> {
+    /// Runs the plan from `latents` (as diffusers holds them before its loop); see [`run_latents`].
+    pub fn run(
+        self,
+        latents: Tensor,
+        rng: &mut dyn NoiseRng,
+        keep: Option<&KnownRegion<'_>>,
+        progress: Progress<'_>,
+    ) -> Result<Tensor> {
+        let unet = UnetPredictor {
+            models: self.models,
+            context: self.context,
+            extra: self.extra,
+        };
+        let denoiser = if guidance_enabled(self.req.cfg_scale) {
+            let cfg = Cfg {
+                inner: unet,
+                scale: self.req.cfg_scale,
+            };
+            denoiser_for(
+                self.models.spec.prediction(),
+                Box::new(cfg) as Box<dyn NoisePredictor + '_>,
+            )
+        } else {
+            denoiser_for(
+                self.models.spec.prediction(),
+                Box::new(unet) as Box<dyn NoisePredictor + '_>,
+            )
+        };
+        let mut on_step = |s: Step<'_>| progress(s.index + 1, s.total);
+        run_latents(
+            self.plan,
+            denoiser.as_ref(),
+            latents,
+            rng,
+            keep,
+            &mut on_step,
+        )
         .map_err(|e| PipelineError::Model(e.to_string()))
+    }
 }
 
 /// Latents in UNet space → images in [0, 1].

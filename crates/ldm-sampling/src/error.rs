@@ -8,6 +8,9 @@ pub enum SamplingError {
     /// The requested step count is outside `1..=train_steps`.
     #[error("steps must be in 1..={max}, got {steps}")]
     Steps { steps: usize, max: usize },
+    /// An img2img/inpainting strength outside [0, 1] (or NaN).
+    #[error("strength must be a number in [0, 1], got {0}")]
+    Strength(f64),
     /// A sampler name the CLI does not know.
     #[error("unknown sampler `{name}` (expected one of: {expected})")]
     UnknownSampler {

@@ -20,6 +20,8 @@ pub use denoiser::{
     PredictionType, VDenoiser,
 };
 pub use error::{Result, SamplingError};
-pub use plan::{prepare, run, Grid, Plan, SamplerKind};
-pub use samplers::{DiscreteStep, Step};
+pub use plan::{
+    add_noise, prepare, prepare_img2img, run, run_latents, start_step, Grid, Plan, SamplerKind,
+};
+pub use samplers::{DiscreteStep, KnownRegion, NoiseAt, Step};
 pub use schedule::{BetaSchedule, Schedule};

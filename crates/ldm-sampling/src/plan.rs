@@ -1,6 +1,14 @@
 //! Choosing a sampler and its grid: [`prepare`] turns (sampler, scheduler config, steps, karras, η) into a
 //! [`Plan`] that reproduces the matching diffusers scheduler, and [`run`] runs it from unit noise.
 //!
+//! Image-to-image and inpainting (SDEdit, Meng et al. 2022, "SDEdit: Guided Image Synthesis and Editing with
+//! Stochastic Differential Equations", §3: perturb the input to an intermediate noise level t₀ = strength·T,
+//! then solve the reverse process from there) start part-way down the same grid: [`prepare_img2img`] drops
+//! the first [`start_step`] steps exactly as diffusers' img2img/inpaint pipelines' `get_timesteps` does
+//! (`init_timestep = min(int(steps·strength), steps)`, `t_start = steps − init_timestep`,
+//! `timesteps[t_start·order:]`, `set_begin_index`), [`add_noise`] puts clean latents at the plan's first level
+//! as each diffusers scheduler's `add_noise` does, and [`run_latents`] runs the plan from those latents.
+//!
 //! A `Plan` is plain data built once per request (STYLE P3): no scheduler object, no step counter.
 
 use std::fmt;
@@ -12,7 +20,7 @@ use ldm_core::rng::NoiseRng;
 use crate::config::{SchedulerConfig, Spacing};
 use crate::denoiser::{Denoiser, NoiseLevel};
 use crate::error::{Result, SamplingError};
-use crate::samplers::{self, DiscreteStep, Step};
+use crate::samplers::{self, DiscreteStep, KnownRegion, NoiseAt, Step};
 use crate::schedule::{karras_sigmas, BetaSchedule, Schedule};
 use crate::timesteps;
 
@@ -136,8 +144,11 @@ pub enum Grid {
         levels: Vec<NoiseLevel>,
         clip: Option<f64>,
     },
+    /// LMS keeps the whole grid: diffusers ties its order and nodes to the absolute index (see
+    /// [`samplers::lms`]); the run starts at `levels[first]`.
     Lms {
         levels: Vec<NoiseLevel>,
+        first: usize,
     },
     DpmPp2m {
         levels: Vec<NoiseLevel>,
@@ -167,15 +178,39 @@ impl Plan {
         }
     }
 
-    /// The σ grid ending at 0 (Euler-type and DPM-Solver plans), `None` for DDIM/PLMS/DDPM.
+    /// The σ grid the run walks, from its first evaluation down to the final 0 (Euler-type and DPM-Solver
+    /// plans), `None` for DDIM/PLMS/DDPM.
     pub fn levels(&self) -> Option<&[NoiseLevel]> {
         match &self.grid {
             Grid::Euler { levels }
             | Grid::EulerAncestral { levels }
             | Grid::Heun { levels, .. }
-            | Grid::Lms { levels }
             | Grid::DpmPp2m { levels } => Some(levels),
+            Grid::Lms { levels, first } => levels.get(*first..),
             Grid::Ddim { .. } | Grid::Plms { .. } | Grid::Ddpm { .. } => None,
+        }
+    }
+
+    /// The level of the first model evaluation, in the scaling diffusers holds its latents in (`None` for a
+    /// plan with no steps). This is where [`add_noise`] puts clean latents.
+    pub fn start_level(&self) -> Option<NoiseAt> {
+        let vp = |s: &[DiscreteStep]| {
+            s.first().map(|s| NoiseAt::Vp {
+                alpha_bar: s.alpha_bar,
+            })
+        };
+        match &self.grid {
+            Grid::Ddim { steps, .. } | Grid::Ddpm { steps, .. } | Grid::Plms { calls: steps } => {
+                vp(steps)
+            }
+            Grid::DpmPp2m { levels } => first_sigma(levels).map(|sigma| NoiseAt::Vp {
+                // DPM-Solver keeps VP latents: α_t x₀ + σ_t ε with α_t = 1/√(σ²+1), σ_t = σ α_t.
+                alpha_bar: 1.0 / (sigma * sigma + 1.0),
+            }),
+            _ => self
+                .levels()
+                .and_then(first_sigma)
+                .map(|sigma| NoiseAt::Ve { sigma }),
         }
     }
 
@@ -187,13 +222,10 @@ impl Plan {
                 steps.iter().map(DiscreteStep::level).collect()
             }
             Grid::Heun { levels, .. } => samplers::heun_evaluations(levels),
-            Grid::Euler { levels }
-            | Grid::EulerAncestral { levels }
-            | Grid::Lms { levels }
-            | Grid::DpmPp2m { levels } => levels
-                .split_last()
-                .map(|(_, inner)| inner.to_vec())
-                .unwrap_or_default(),
+            Grid::Euler { levels } | Grid::EulerAncestral { levels } | Grid::DpmPp2m { levels } => {
+                inner_levels(levels)
+            }
+            Grid::Lms { levels, first } => inner_levels(levels.get(*first..).unwrap_or_default()),
         }
     }
 
@@ -201,6 +233,19 @@ impl Plan {
     pub fn model_calls(&self) -> usize {
         self.evaluations().len()
     }
+}
+
+/// The levels before the final σ = 0.
+fn inner_levels(levels: &[NoiseLevel]) -> Vec<NoiseLevel> {
+    levels
+        .split_last()
+        .map(|(_, inner)| inner.to_vec())
+        .unwrap_or_default()
+}
+
+/// σ of the first evaluation of a grid ending at 0 (`None` when only the final 0 is left).
+fn first_sigma(levels: &[NoiseLevel]) -> Option<f64> {
+    (levels.len() >= 2).then(|| levels[0].sigma)
 }
 
 /// Builds the plan for `steps` steps of `kind` under `config`, as diffusers' `Scheduler.from_config(config,
@@ -213,6 +258,49 @@ pub fn prepare(
     steps: usize,
     karras: bool,
     eta: f64,
+) -> Result<Plan> {
+    build(kind, config, steps, karras, eta, 0)
+}
+
+/// diffusers' `get_timesteps(steps, strength)`: how many of the `steps` an img2img or inpainting run at
+/// `strength` skips, `t_start = steps − min(⌊steps·strength⌋, steps)`. `strength` must lie in [0, 1]. All
+/// `steps` are skipped when ⌊steps·strength⌋ = 0 (diffusers refuses that case; here the run is then the
+/// identity on the image latents).
+pub fn start_step(steps: usize, strength: f64) -> Result<usize> {
+    if !(0.0..=1.0).contains(&strength) {
+        return Err(SamplingError::Strength(strength));
+    }
+    let init = ((steps as f64 * strength) as usize).min(steps);
+    Ok(steps - init)
+}
+
+/// The plan of [`prepare`] started part-way down its grid, as diffusers' img2img and inpainting pipelines run
+/// it at `strength`: the first [`start_step`] steps (× the scheduler's order: Heun's doubled evaluation list,
+/// PLMS's call list) are dropped, and the rest is stepped exactly as the diffusers scheduler does with its
+/// `begin_index` there. That includes two diffusers behaviours kept on purpose: PLMS restarts its
+/// multistep warm-up (the second remaining call redoes the first step, from t + T/steps) wherever the list is
+/// cut, and LMS keeps its absolute-index order (see [`samplers::lms`]). `strength = 1` gives [`prepare`]'s
+/// plan; a strength with ⌊steps·strength⌋ = 0 gives a plan with no steps.
+pub fn prepare_img2img(
+    kind: SamplerKind,
+    config: &SchedulerConfig,
+    steps: usize,
+    karras: bool,
+    eta: f64,
+    strength: f64,
+) -> Result<Plan> {
+    let skip = start_step(steps, strength)?;
+    build(kind, config, steps, karras, eta, skip)
+}
+
+/// `prepare` with the first `skip` steps dropped (`skip <= steps`).
+fn build(
+    kind: SamplerKind,
+    config: &SchedulerConfig,
+    steps: usize,
+    karras: bool,
+    eta: f64,
+    skip: usize,
 ) -> Result<Plan> {
     config.check_supported(kind)?;
     let resolved = config.resolved(kind);
@@ -244,7 +332,7 @@ pub fn prepare(
     let grid = match kind {
         SamplerKind::Ddim => {
             let ts = timesteps::discrete(spacing, steps, train, offset)?;
-            let steps = ts
+            let steps = ts[skip..]
                 .iter()
                 .map(|&t| discrete(t, t, t.checked_sub(stride), final_alpha_bar))
                 .collect();
@@ -259,6 +347,7 @@ pub fn prepare(
             let steps = ts
                 .iter()
                 .enumerate()
+                .skip(skip)
                 .map(|(i, &t)| discrete(t, t, ts.get(i + 1).copied(), 1.0))
                 .collect();
             Grid::Ddpm {
@@ -274,7 +363,10 @@ pub fn prepare(
             order.extend_from_slice(&asc[n.saturating_sub(2)..n - 1]);
             order.push(asc[n - 1]);
             order.reverse();
-            let calls = order
+            // Started part-way, PNDM's counter starts at the cut: its warm-up (below) restarts there. With every
+            // step skipped nothing is left (diffusers' list would keep one call, which it refuses to run).
+            let cut = if skip == steps { order.len() } else { skip };
+            let calls = order[cut..]
                 .iter()
                 .enumerate()
                 .map(|(k, &t)| {
@@ -303,8 +395,9 @@ pub fn prepare(
             } else {
                 (ts, sigmas)
             };
-            let levels = to_levels(&ts, &sigmas);
-            let sigma_max = levels.iter().map(|l| l.sigma as f32).fold(0.0f32, f32::max);
+            let all = to_levels(&ts, &sigmas);
+            let levels = all[skip..].to_vec();
+            let sigma_max = all.iter().map(|l| l.sigma as f32).fold(0.0f32, f32::max);
             let init_noise_sigma = f64::from(if spacing == Spacing::Leading {
                 (sigma_max * sigma_max + 1.0).sqrt()
             } else {
@@ -317,7 +410,10 @@ pub fn prepare(
                     levels,
                     clip: resolved.clip,
                 },
-                _ => Grid::Lms { levels },
+                _ => Grid::Lms {
+                    levels: all,
+                    first: skip,
+                },
             };
             return Ok(Plan {
                 init_noise_sigma,
@@ -345,7 +441,7 @@ pub fn prepare(
                 )
             };
             Grid::DpmPp2m {
-                levels: to_levels(&ts, &sigmas),
+                levels: to_levels(&ts, &sigmas)[skip..].to_vec(),
             }
         }
     };
@@ -380,23 +476,53 @@ pub fn run(
     on_step: &mut dyn FnMut(Step<'_>),
 ) -> Result<Tensor> {
     let x = (noise * plan.init_noise_sigma)?;
+    run_latents(plan, denoiser, x, rng, None, on_step)
+}
+
+/// diffusers' scheduler `add_noise` at the plan's first level (img2img's initial latents): √ᾱ x₀ + √(1−ᾱ) ε
+/// for DDIM, PLMS, DDPM (ᾱ at the first timestep) and DPM-Solver (ᾱ = 1/(σ²+1), its VP latents),
+/// x₀ + σ ε for Euler, Euler ancestral, Heun and LMS (σ of the first evaluation, Karras or not). For a plan
+/// with no steps the latents stay clean. `x0` and `noise` are [B, C, H, W].
+pub fn add_noise(plan: &Plan, x0: &Tensor, noise: &Tensor) -> Result<Tensor> {
+    match plan.start_level() {
+        Some(at) => at.add_noise(x0, noise),
+        None => Ok(x0.clone()),
+    }
+}
+
+/// Runs `plan` from `latents` as diffusers' pipeline holds them before its loop (`noise · init_noise_sigma`
+/// for txt2img, [`add_noise`] for img2img); returns the final latents. `keep` re-imposes a known region after
+/// every update (inpainting with a plain UNet, see [`KnownRegion`]); its `latents` and `noise` are clean image
+/// latents and unit noise, whatever the sampler's scaling. A plan with no steps returns `latents` unchanged.
+pub fn run_latents(
+    plan: &Plan,
+    denoiser: &dyn Denoiser,
+    latents: Tensor,
+    rng: &mut dyn NoiseRng,
+    keep: Option<&KnownRegion<'_>>,
+    on_step: &mut dyn FnMut(Step<'_>),
+) -> Result<Tensor> {
+    if plan.model_calls() == 0 {
+        return Ok(latents);
+    }
+    let x = latents;
     match &plan.grid {
         Grid::Ddim { steps, eta, clip } => {
-            samplers::ddim(denoiser, x, steps, *eta, *clip, rng, on_step)
+            samplers::ddim(denoiser, x, steps, *eta, *clip, rng, keep, on_step)
         }
-        Grid::Plms { calls } => samplers::plms(denoiser, x, calls, on_step),
-        Grid::Ddpm { steps, clip } => samplers::ddpm(denoiser, x, steps, *clip, rng, on_step),
-        Grid::Euler { levels } => samplers::euler(denoiser, x, levels, on_step),
+        Grid::Plms { calls } => samplers::plms(denoiser, x, calls, keep, on_step),
+        Grid::Ddpm { steps, clip } => samplers::ddpm(denoiser, x, steps, *clip, rng, keep, on_step),
+        Grid::Euler { levels } => samplers::euler(denoiser, x, levels, keep, on_step),
         Grid::EulerAncestral { levels } => {
-            samplers::euler_ancestral(denoiser, x, levels, rng, on_step)
+            samplers::euler_ancestral(denoiser, x, levels, rng, keep, on_step)
         }
-        Grid::Heun { levels, clip } => samplers::heun(denoiser, x, levels, *clip, on_step),
-        Grid::Lms { levels } => samplers::lms(denoiser, x, levels, on_step),
+        Grid::Heun { levels, clip } => samplers::heun(denoiser, x, levels, *clip, keep, on_step),
+        Grid::Lms { levels, first } => samplers::lms(denoiser, x, levels, *first, keep, on_step),
         Grid::DpmPp2m { levels } => {
-            // diffusers runs DPM-Solver on VP latents (init_noise_sigma 1); this one runs in VE scaling.
+            // diffusers runs DPM-Solver on VP latents; this one runs in VE scaling.
             let sigma = levels.first().map_or(0.0, |l| l.sigma);
             let x = (x * (sigma * sigma + 1.0).sqrt())?;
-            samplers::dpmpp_2m(denoiser, x, levels, on_step)
+            samplers::dpmpp_2m(denoiser, x, levels, keep, on_step)
         }
     }
 }

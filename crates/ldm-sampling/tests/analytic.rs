@@ -63,10 +63,10 @@ fn error(kind: &str, n: usize) -> f64 {
     let levels = grid(n);
     let none = &mut |_: Step<'_>| {};
     let x = match kind {
-        "euler" => samplers::euler(&d, start(), &levels, none),
-        "heun" => samplers::heun(&d, start(), &levels, None, none),
-        "dpmpp-2m" => samplers::dpmpp_2m(&d, start(), &levels, none),
-        "lms" => samplers::lms(&d, start(), &levels, none),
+        "euler" => samplers::euler(&d, start(), &levels, None, none),
+        "heun" => samplers::heun(&d, start(), &levels, None, None, none),
+        "dpmpp-2m" => samplers::dpmpp_2m(&d, start(), &levels, None, none),
+        "lms" => samplers::lms(&d, start(), &levels, 0, None, none),
         _ => unreachable!(),
     }
     .expect("sample");
@@ -118,6 +118,7 @@ fn ddim_eta0_is_the_euler_step_on_its_sigma_grid() {
         0.0,
         None,
         &mut NoNoise,
+        None,
         &mut |_| {},
     )
     .expect("ddim");
@@ -128,7 +129,7 @@ fn ddim_eta0_is_the_euler_step_on_its_sigma_grid() {
         t: 0.0,
     });
     let x_ve = (&noise / steps[0].alpha_bar.sqrt()).expect("scale");
-    let euler = samplers::euler(&d, x_ve, &levels, &mut |_| {}).expect("euler");
+    let euler = samplers::euler(&d, x_ve, &levels, None, &mut |_| {}).expect("euler");
     let euler_vp = (euler * final_alpha_bar.sqrt()).expect("scale");
     for (a, b) in values(&ddim).iter().zip(values(&euler_vp)) {
         assert!(
@@ -160,6 +161,7 @@ fn ddim_step_fed_the_true_x0_recovers_it() {
             eta,
             None,
             &mut NoNoise,
+            None,
             &mut |_| {},
         )
         .expect("ddim");

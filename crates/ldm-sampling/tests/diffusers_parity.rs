@@ -139,7 +139,7 @@ fn use_diffusers_grid(plan: &mut Plan, case: &serde_json::Value) {
         Grid::Euler { levels }
         | Grid::EulerAncestral { levels }
         | Grid::Heun { levels, .. }
-        | Grid::Lms { levels }
+        | Grid::Lms { levels, .. }
         | Grid::DpmPp2m { levels } => levels,
         Grid::Ddim { .. } | Grid::Plms { .. } | Grid::Ddpm { .. } => return,
     };

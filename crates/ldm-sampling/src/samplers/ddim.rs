@@ -16,11 +16,14 @@
 use candle_core::Tensor;
 use ldm_core::rng::NoiseRng;
 
-use super::{clip_x0, lin2, noise_like, DiscreteStep, Step};
+use super::{clip_x0, lin2, next_vp, noise_like, reimpose, DiscreteStep, KnownRegion, Step};
 use crate::denoiser::Denoiser;
 use crate::error::Result;
 
-/// DDIM on diffusers' VP latents `x` ([B, C, H, W]); returns the latents after the last step.
+/// DDIM on diffusers' VP latents `x` ([B, C, H, W]); returns the latents after the last step. `keep`: see
+/// [`KnownRegion`].
+// The arguments are the grid, its two options, and the three per-run inputs every sampler takes.
+#[allow(clippy::too_many_arguments)]
 pub fn ddim(
     d: &dyn Denoiser,
     mut x: Tensor,
@@ -28,6 +31,7 @@ pub fn ddim(
     eta: f64,
     clip: Option<f64>,
     rng: &mut dyn NoiseRng,
+    keep: Option<&KnownRegion<'_>>,
     on_step: &mut dyn FnMut(Step<'_>),
 ) -> Result<Tensor> {
     for (index, s) in steps.iter().enumerate() {
@@ -45,6 +49,7 @@ pub fn ddim(
         if eta > 0.0 {
             x = (x + (noise_like(rng, &eps)? * std)?)?;
         }
+        x = reimpose(keep, x, next_vp(steps, index))?;
         on_step(Step {
             index,
             total: steps.len(),

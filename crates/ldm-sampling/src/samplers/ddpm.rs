@@ -11,7 +11,7 @@
 use candle_core::Tensor;
 use ldm_core::rng::NoiseRng;
 
-use super::{clip_x0, lin2, noise_like, DiscreteStep, Step};
+use super::{clip_x0, lin2, next_vp, noise_like, reimpose, DiscreteStep, KnownRegion, Step};
 use crate::denoiser::Denoiser;
 use crate::error::Result;
 
@@ -22,6 +22,7 @@ pub fn ddpm(
     steps: &[DiscreteStep],
     clip: Option<f64>,
     rng: &mut dyn NoiseRng,
+    keep: Option<&KnownRegion<'_>>,
     on_step: &mut dyn FnMut(Step<'_>),
 ) -> Result<Tensor> {
     for (index, s) in steps.iter().enumerate() {
@@ -37,6 +38,7 @@ pub fn ddpm(
             let variance = ((1.0 - alpha_bar_prev) / (1.0 - alpha_bar) * beta).max(1e-20);
             x = (&x + (noise_like(rng, &x)? * variance.sqrt())?)?;
         }
+        x = reimpose(keep, x, next_vp(steps, index))?;
         on_step(Step {
             index,
             total: steps.len(),

@@ -18,7 +18,7 @@
 
 use candle_core::Tensor;
 
-use super::{lin2, Step};
+use super::{lin2, next_ve, reimpose, KnownRegion, Step};
 use crate::denoiser::{Denoiser, NoiseLevel};
 use crate::error::Result;
 
@@ -27,6 +27,7 @@ pub fn dpmpp_2m(
     d: &dyn Denoiser,
     mut x: Tensor,
     levels: &[NoiseLevel],
+    keep: Option<&KnownRegion<'_>>,
     on_step: &mut dyn FnMut(Step<'_>),
 ) -> Result<Tensor> {
     super::check_levels(levels)?;
@@ -42,7 +43,7 @@ pub fn dpmpp_2m(
             denoised: &x0,
         });
         if next == 0.0 {
-            x = x0;
+            x = reimpose(keep, x0, None)?;
             continue;
         }
         let h = (level.sigma / next).ln();
@@ -54,6 +55,7 @@ pub fn dpmpp_2m(
             None => x0.clone(),
         };
         x = lin2(next / level.sigma, &x, -(-h).exp_m1(), &d_i)?;
+        x = reimpose(keep, x, next_ve(levels, index))?;
         previous = Some((x0, h));
     }
     Ok(x)

@@ -18,7 +18,7 @@
 use candle_core::Tensor;
 use ldm_core::rng::NoiseRng;
 
-use super::{noise_like, Step};
+use super::{next_ve, noise_like, reimpose, KnownRegion, Step};
 use crate::denoiser::{Denoiser, NoiseLevel};
 use crate::error::Result;
 
@@ -27,6 +27,7 @@ pub fn euler(
     d: &dyn Denoiser,
     mut x: Tensor,
     levels: &[NoiseLevel],
+    keep: Option<&KnownRegion<'_>>,
     on_step: &mut dyn FnMut(Step<'_>),
 ) -> Result<Tensor> {
     super::check_levels(levels)?;
@@ -36,6 +37,7 @@ pub fn euler(
         let x0 = d.denoise(&x, level)?;
         let slope = ((&x - &x0)? / level.sigma)?; // dx/dσ
         x = (&x + (slope * (next - level.sigma))?)?;
+        x = reimpose(keep, x, next_ve(levels, index))?;
         on_step(Step {
             index,
             total,
@@ -52,6 +54,7 @@ pub fn euler_ancestral(
     mut x: Tensor,
     levels: &[NoiseLevel],
     rng: &mut dyn NoiseRng,
+    keep: Option<&KnownRegion<'_>>,
     on_step: &mut dyn FnMut(Step<'_>),
 ) -> Result<Tensor> {
     super::check_levels(levels)?;
@@ -65,6 +68,7 @@ pub fn euler_ancestral(
         let slope = ((&x - &x0)? / sigma)?;
         x = (&x + (slope * (down - sigma))?)?;
         x = (&x + (noise_like(rng, &x)? * up)?)?;
+        x = reimpose(keep, x, next_ve(levels, index))?;
         on_step(Step {
             index,
             total,

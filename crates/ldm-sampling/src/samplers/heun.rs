@@ -9,7 +9,7 @@
 
 use candle_core::Tensor;
 
-use super::{clip_x0, Step};
+use super::{clip_x0, next_ve, reimpose, KnownRegion, Step};
 use crate::denoiser::{Denoiser, NoiseLevel};
 use crate::error::Result;
 
@@ -19,12 +19,13 @@ pub fn heun(
     mut x: Tensor,
     levels: &[NoiseLevel],
     clip: Option<f64>,
+    keep: Option<&KnownRegion<'_>>,
     on_step: &mut dyn FnMut(Step<'_>),
 ) -> Result<Tensor> {
     super::check_levels(levels)?;
     let total = 2 * (levels.len() - 1) - 1;
     let mut index = 0;
-    for w in levels.windows(2) {
+    for (i, w) in levels.windows(2).enumerate() {
         let (level, next) = (w[0], w[1]);
         let dt = next.sigma - level.sigma;
         let x0 = clip_x0(d.denoise(&x, level)?, clip)?;
@@ -36,7 +37,8 @@ pub fn heun(
             denoised: &x0,
         });
         index += 1;
-        let euler = (&x + (&slope * dt)?)?;
+        // diffusers re-imposes after each of Heun's two calls, both at σ_{i+1} (where the sample then is).
+        let euler = reimpose(keep, (&x + (&slope * dt)?)?, next_ve(levels, i))?;
         if next.sigma == 0.0 {
             x = euler;
             continue;
@@ -44,6 +46,7 @@ pub fn heun(
         let x0_2 = clip_x0(d.denoise(&euler, next)?, clip)?;
         let slope_2 = ((&euler - &x0_2)? / next.sigma)?;
         x = (&x + (((slope + slope_2)? / 2.0)? * dt)?)?;
+        x = reimpose(keep, x, next_ve(levels, i))?;
         on_step(Step {
             index,
             total,

@@ -10,7 +10,7 @@
 
 use candle_core::Tensor;
 
-use super::Step;
+use super::{KnownRegion, Step};
 use crate::denoiser::{Denoiser, NoiseLevel};
 use crate::error::Result;
 
@@ -34,18 +34,31 @@ pub(crate) fn lms_coefficient(sigmas: &[f64], order: usize, i: usize, j: usize) 
         + 5.0 / 9.0 * (basis(mid - half * node) + basis(mid + half * node)))
 }
 
-/// LMS (order 4) on VE-scaled `x` ([B, C, H, W]) along `levels` (descending σ, ending at 0).
+/// LMS (order 4) on VE-scaled `x` ([B, C, H, W]) along `levels` (descending σ, ending at 0), starting at
+/// `levels[first]` (0 for a whole run).
+///
+/// Started part-way (img2img), diffusers' LMSDiscreteScheduler keeps its order and Lagrange nodes tied to the
+/// absolute grid index (order = min(index + 1, 4)) while its derivative history starts empty, and sums only the
+/// coefficients it has derivatives for (Python's `zip`); this does the same, so the first steps of such a run
+/// use truncated higher-order coefficients rather than a lower-order method.
 pub fn lms(
     d: &dyn Denoiser,
     mut x: Tensor,
     levels: &[NoiseLevel],
+    first: usize,
+    keep: Option<&KnownRegion<'_>>,
     on_step: &mut dyn FnMut(Step<'_>),
 ) -> Result<Tensor> {
     let sigmas: Vec<f64> = levels.iter().map(|l| l.sigma).collect();
     super::check_levels(levels)?;
     let total = levels.len() - 1;
+    if first >= total {
+        return Err(crate::error::SamplingError::Config(format!(
+            "LMS start index {first} is past the last of {total} steps"
+        )));
+    }
     let mut slopes: Vec<Tensor> = Vec::with_capacity(ORDER); // newest first
-    for (i, &level) in levels[..total].iter().enumerate() {
+    for (i, &level) in levels[..total].iter().enumerate().skip(first) {
         let x0 = d.denoise(&x, level)?;
         slopes.insert(0, ((&x - &x0)? / level.sigma)?);
         slopes.truncate(ORDER);
@@ -53,9 +66,10 @@ pub fn lms(
         for (j, slope) in slopes.iter().enumerate().take(order) {
             x = (&x + (slope * lms_coefficient(&sigmas, order, i, j))?)?;
         }
+        x = super::reimpose(keep, x, super::next_ve(levels, i))?;
         on_step(Step {
-            index: i,
-            total,
+            index: i - first,
+            total: total - first,
             level,
             denoised: &x0,
         });

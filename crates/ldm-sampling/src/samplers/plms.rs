@@ -18,7 +18,7 @@
 
 use candle_core::Tensor;
 
-use super::{DiscreteStep, Step};
+use super::{next_vp, reimpose, DiscreteStep, KnownRegion, Step};
 use crate::denoiser::Denoiser;
 use crate::error::Result;
 
@@ -27,6 +27,7 @@ pub fn plms(
     d: &dyn Denoiser,
     mut x: Tensor,
     calls: &[DiscreteStep],
+    keep: Option<&KnownRegion<'_>>,
     on_step: &mut dyn FnMut(Step<'_>),
 ) -> Result<Tensor> {
     let mut outputs: Vec<Tensor> = Vec::with_capacity(4);
@@ -66,6 +67,7 @@ pub fn plms(
             -(alpha_bar_prev - alpha_bar) / denom,
             &eps,
         )?;
+        x = reimpose(keep, x, next_vp(calls, index))?;
         on_step(Step {
             index,
             total: calls.len(),

@@ -1,0 +1,161 @@
+//! Inpainting (Rombach et al. 2022, §4.5), step for step as diffusers' `StableDiffusionInpaintPipeline.__call__`
+//! does it with a CPU `torch.Generator`, for both kinds of model:
+//!
+//! * a 9-channel inpainting UNet sees [x_t; m; scale·z(masked image)] (Stable Diffusion inpainting's
+//!   `c_concat`), with m the mask at latent resolution;
+//! * a plain 4-channel UNet samples as img2img does, and after every update the known region is reset to the
+//!   image latents noised to the next level with the run's initial noise ([`ldm_sampling::KnownRegion`],
+//!   a latent blend in the manner of RePaint without resampling, Lugmayr et al. 2022).
+//!
+//! Generator order (as diffusers): image posterior sample (4-channel models, or strength < 1), initial noise
+//! [B, C, h, w], masked-image posterior sample (always: diffusers encodes it for both kinds), then step noise.
+//! At strength 1 the initial latents are pure noise × `init_noise_sigma`; below 1, `add_noise` of the image
+//! latents at the first level of the shortened plan. The mask (1 = repaint) is taken to latent resolution by
+//! nearest neighbour (`F.interpolate` default: pixel (f·i, f·j)); the masked image is the image with repainted
+//! pixels set to 0 (mid-grey in [−1, 1]). The output is the decoded latents (no overlay of the original).
+use candle_core::{Device, Tensor};
+use ldm_core::image::RgbImage;
+use ldm_core::rng::{NoiseRng, TorchRng};
+use ldm_sampling::{add_noise, guidance_enabled, KnownRegion};
+
+use crate::error::{PipelineError, Result};
+use crate::img2img::{check_image, encode_sample, image_plan, randn};
+use crate::init_image::{image_to_tensor, pad_edge, Pad};
+use crate::mask::Mask;
+use crate::models::SdModels;
+use crate::request::ValidImageRequest;
+use crate::txt2img::{decode, prompt_context, Generated, Progress, Sampling};
+
+/// An inpainting input: the image and its mask, of one size (after any outpainting padding).
+#[derive(Debug, Clone, PartialEq)]
+pub struct InpaintInput {
+    pub image: RgbImage,
+    pub mask: Mask,
+}
+
+impl InpaintInput {
+    /// Pairs `image` with `mask` (which must have the image's size) and pads both by `pad` for outpainting:
+    /// the image by edge replication ([`pad_edge`]), the mask with repaint. Without a mask, `pad` must be
+    /// non-zero and only the margins are repainted.
+    pub fn new(image: RgbImage, mask: Option<Mask>, pad: Pad) -> Result<Self> {
+        let mask = match mask {
+            Some(m) => {
+                if (m.width, m.height) != (image.width, image.height) {
+                    return Err(PipelineError::invalid(
+                        "mask",
+                        format!(
+                            "the mask is {}x{}, the image {}x{}: they must be the same size",
+                            m.width, m.height, image.width, image.height
+                        ),
+                    ));
+                }
+                m
+            }
+            None if !pad.is_zero() => Mask::keep_all(image.width, image.height),
+            None => {
+                return Err(PipelineError::invalid(
+                    "mask",
+                    "inpainting needs a mask (white = repaint), or a padding to outpaint",
+                ))
+            }
+        };
+        Ok(Self {
+            image: pad_edge(&image, pad),
+            mask: mask.pad(pad),
+        })
+    }
+
+    /// (width, height) in pixels.
+    pub fn size(&self) -> (usize, usize) {
+        (self.image.width, self.image.height)
+    }
+}
+
+/// `mask` [1, 1, H, W] at latent resolution [1, 1, H/f, W/f]: nearest neighbour, pixel (f·i, f·j).
+fn mask_to_latent(mask: &Tensor, f: usize, device: &Device) -> Result<Tensor> {
+    let (_, _, h, w) = mask.dims4()?;
+    let rows: Vec<u32> = (0..h / f).map(|i| (i * f) as u32).collect();
+    let cols: Vec<u32> = (0..w / f).map(|j| (j * f) as u32).collect();
+    let rows = Tensor::new(rows.as_slice(), device)?;
+    let cols = Tensor::new(cols.as_slice(), device)?;
+    Ok(mask.index_select(&rows, 2)?.index_select(&cols, 3)?)
+}
+
+/// Runs inpainting for `req` on `input`; `progress` is called after every model evaluation.
+pub fn inpaint(
+    models: &SdModels,
+    req: &ValidImageRequest,
+    input: &InpaintInput,
+    progress: Progress<'_>,
+) -> Result<Generated> {
+    let dev = &models.device;
+    let image = image_to_tensor(&input.image, dev)?; // [1, 3, H, W] in [−1, 1]
+    check_image(&image, req, "image")?;
+    let plan = image_plan(models, req)?;
+    let r = &req.base;
+    let b = r.batch;
+    let nine = models.spec.is_inpainting();
+    let strength_max = req.strength == 1.0;
+    let context = prompt_context(models, r)?;
+    let mut rng = TorchRng::new(r.seed);
+
+    // diffusers' prepare_latents
+    let image_latents = if !nine || !strength_max {
+        Some(encode_sample(models, &image, &mut rng)?.repeat((b, 1, 1, 1))?) // [B, C, h, w]
+    } else {
+        None
+    };
+    let f = models.spec.vae_factor();
+    let shape = [b, models.spec.latent_channels(), r.height / f, r.width / f];
+    let noise = randn(&mut rng, &shape, dev)?;
+    let latents = match (&image_latents, strength_max) {
+        (Some(x0), false) => {
+            add_noise(&plan, x0, &noise).map_err(|e| PipelineError::Model(e.to_string()))?
+        }
+        _ => (&noise * plan.init_noise_sigma)?,
+    };
+
+    // diffusers' prepare_mask_latents
+    let mask = input.mask.to_tensor(dev)?; // [1, 1, H, W]
+    let keep = (1.0 - &mask)?;
+    let masked_image = image.broadcast_mul(&keep)?;
+    let mask_latent = mask_to_latent(&mask, f, dev)?.repeat((b, 1, 1, 1))?; // [B, 1, h, w]
+    let masked_latents = if nine {
+        encode_sample(models, &masked_image, &mut rng)?.repeat((b, 1, 1, 1))?
+    } else {
+        // A plain UNet never sees it, but diffusers encodes it anyway: draw its posterior noise so that the
+        // step noise that follows is the same.
+        let n: usize = shape[1..].iter().product();
+        let _ = rng.randn(n);
+        Tensor::zeros(0, candle_core::DType::F32, dev)?
+    };
+
+    let sampler = |extra| Sampling {
+        plan: &plan,
+        models,
+        req: r,
+        context: context.clone(),
+        extra,
+    };
+    let latents = if nine {
+        let mut extra = Tensor::cat(&[&mask_latent, &masked_latents], 1)?; // [B, 1 + C, h, w]
+        if guidance_enabled(r.cfg_scale) {
+            extra = Tensor::cat(&[&extra, &extra], 0)?;
+        }
+        sampler(Some(extra)).run(latents, &mut rng, None, progress)?
+    } else {
+        let Some(x0) = &image_latents else {
+            return Err(PipelineError::Model(
+                "invariant: a plain model's inpainting encodes the image".into(),
+            ));
+        };
+        let known = KnownRegion {
+            latents: x0,
+            noise: &noise,
+            mask: &mask_latent,
+        };
+        sampler(None).run(latents, &mut rng, Some(&known), progress)?
+    };
+    let images = decode(models, &latents)?;
+    Ok(Generated { latents, images })
+}
