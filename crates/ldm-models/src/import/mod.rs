@@ -10,6 +10,7 @@
 //! | component | config | key map | canonical prefix |
 //! |---|---|---|---|
 //! | `unet/` | [`DiffusersUnetConfig`] -> [`UnetArch`] | [`unet_key_map`] | [`UNET_PREFIX`] |
+//! | `unet/` (`UNet2DModel`, LDM pipelines) | [`DiffusersUnet2dConfig`] -> [`Unet2dArch`] | [`unet2d_key_map`] | [`UNET_PREFIX`] |
 //! | `vae/` | [`DiffusersVaeConfig`] -> [`VaeArch`] | [`vae_key_map`] | [`VAE_PREFIX`] |
 //! | `text_encoder/` SD1 | [`DiffusersClipConfig`] -> [`ClipArch`] | [`clip_key_map`] | [`CLIP_PREFIX`] |
 //! | `text_encoder/` SD2 | [`DiffusersClipConfig`] -> [`ClipArch`] | [`open_clip_key_map`] | [`OPEN_CLIP_PREFIX`] |
@@ -32,6 +33,7 @@ mod key_map;
 
 pub mod diffusers_clip;
 pub mod diffusers_unet;
+pub mod diffusers_unet2d;
 pub mod diffusers_vae;
 
 pub use diffusers_clip::{
@@ -40,6 +42,9 @@ pub use diffusers_clip::{
 };
 pub use diffusers_unet::{
     unet_key_map, unet_key_map_for, DiffusersUnetConfig, Heads, UnetArch, UNET_PREFIX,
+};
+pub use diffusers_unet2d::{
+    unet2d_key_map, unet2d_key_map_for, DiffusersUnet2dConfig, Unet2dArch,
 };
 pub use diffusers_vae::{vae_key_map, vae_key_map_for, DiffusersVaeConfig, VaeArch, VAE_PREFIX};
 pub use error::{ImportError, KeyReport, MissingKey, Result, ShapeMismatch};
