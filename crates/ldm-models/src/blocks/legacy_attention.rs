@@ -75,7 +75,8 @@ impl AttentionBlock {
             .norm
             .forward(x)?
             .reshape((b, c, h * w))?
-            .transpose(1, 2)?; // [B, T, C]
+            .transpose(1, 2)?
+            .contiguous()?; // [B, T, C]
         let qkv = self.qkv.forward(&tokens)?; // [B, T, 3C]
         // [B, T, 3, heads, d] (new order) or [B, T, heads, 3, d] (legacy), then part p as [B, heads, T, d]
         let part = |p: usize| -> Result<Tensor> {
