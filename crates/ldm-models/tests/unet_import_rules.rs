@@ -40,9 +40,7 @@ fn field_of(e: &ImportError) -> &'static str {
 }
 
 fn shape(m: &KeyMap, d: &str) -> (Vec<usize>, String, Vec<usize>) {
-    let e = m
-        .entry(d)
-        .unwrap_or_else(|| panic!("`{d}` is not mapped"));
+    let e = m.entry(d).unwrap_or_else(|| panic!("`{d}` is not mapped"));
     (
         e.diffusers_shape.clone(),
         e.canonical.clone(),
@@ -61,7 +59,11 @@ fn unet2d_translates_the_ldm_layout() {
         (u.channel_mult.clone(), u.num_res_blocks, u.num_groups),
         (vec![1, 2], 1, 32)
     );
-    assert_eq!(u.attention_levels, vec![1], "Attn* blocks are attention levels");
+    assert_eq!(
+        u.attention_levels,
+        vec![1],
+        "Attn* blocks are attention levels"
+    );
     assert_eq!(u.context_dim, None, "UNet2DModel has no cross-attention");
     assert!(u.conv_resample && !u.resblock_updown && !u.use_scale_shift_norm);
     assert_eq!(u.num_classes, None);
@@ -82,7 +84,10 @@ fn unet2d_attention_head_dim_is_a_width_and_null_is_one_head() {
     v["layers_per_block"] = json!(2);
     let c = DiffusersUnet2dConfig::from_json(&v.to_string()).expect("config");
     let u = c.arch().expect("arch").unet;
-    assert_eq!((u.heads, u.num_res_blocks, u.in_channels), (HeadSpec::Dim(8), 2, 3));
+    assert_eq!(
+        (u.heads, u.num_res_blocks, u.in_channels),
+        (HeadSpec::Dim(8), 2, 3)
+    );
 }
 
 #[test]
@@ -128,7 +133,10 @@ fn unet2d_scale_shift_doubles_the_time_projection() {
     assert!(unet2d(patch.clone()).use_scale_shift_norm);
     let m = unet2d_key_map(&cfg2d(patch)).expect("map");
     let (d, c, _) = shape(&m, "down_blocks.1.resnets.0.time_emb_proj.weight");
-    assert_eq!((d, c.as_str()), (vec![128, 128], "input_blocks.3.0.emb_layers.1.weight"));
+    assert_eq!(
+        (d, c.as_str()),
+        (vec![128, 128], "input_blocks.3.0.emb_layers.1.weight")
+    );
     // without attn_norm_num_groups diffusers' mid-block attention would have no GroupNorm
     let e = refused2d(json!({"resnet_time_scale_shift": "scale_shift"}));
     assert_eq!(field_of(&e), "attn_norm_num_groups", "{e}");
@@ -140,8 +148,14 @@ fn unet2d_scale_shift_doubles_the_time_projection() {
 
 #[test]
 fn unet2d_middle_block_must_have_attention() {
-    assert_eq!(field_of(&refused2d(json!({"add_attention": false}))), "mid_block_type");
-    assert_eq!(field_of(&refused2d(json!({"mid_block_type": null}))), "mid_block_type");
+    assert_eq!(
+        field_of(&refused2d(json!({"add_attention": false}))),
+        "mid_block_type"
+    );
+    assert_eq!(
+        field_of(&refused2d(json!({"mid_block_type": null}))),
+        "mid_block_type"
+    );
 }
 
 #[test]
@@ -173,7 +187,11 @@ fn unet2d_attention_names_and_fused_qkv() {
     );
     assert_eq!(
         shape(&m, "mid_block.attentions.0.to_out.0.weight"),
-        (vec![64, 64], "middle_block.1.proj_out.weight".into(), vec![64, 64, 1])
+        (
+            vec![64, 64],
+            "middle_block.1.proj_out.weight".into(),
+            vec![64, 64, 1]
+        )
     );
     let e = m.entry("up_blocks.0.attentions.1.to_k.bias").expect("to_k");
     assert_eq!(e.canonical, "output_blocks.1.1.qkv.bias");
@@ -278,23 +296,42 @@ fn only_cross_attention_makes_attn1_read_the_context() {
     let c = cond(json!({"only_cross_attention": [true, false]}));
     let a = c.arch().expect("arch");
     assert_eq!(a.disable_self_attentions, vec![true, false]);
-    assert!(!a.disable_middle_self_attn, "a per-level list leaves the middle block alone");
+    assert!(
+        !a.disable_middle_self_attn,
+        "a per-level list leaves the middle block alone"
+    );
     let m = unet_key_map(&c).expect("map");
     // level 0 (down block 0, up block 1): attn1 keys/values come from the 16-wide context
     assert_eq!(
-        shape(&m, "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k.weight").0,
+        shape(
+            &m,
+            "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k.weight"
+        )
+        .0,
         vec![32, 16]
     );
     assert_eq!(
-        shape(&m, "up_blocks.1.attentions.1.transformer_blocks.0.attn1.to_v.weight").0,
+        shape(
+            &m,
+            "up_blocks.1.attentions.1.transformer_blocks.0.attn1.to_v.weight"
+        )
+        .0,
         vec![32, 16]
     );
     assert_eq!(
-        shape(&m, "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_k.weight").0,
+        shape(
+            &m,
+            "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_k.weight"
+        )
+        .0,
         vec![64, 64]
     );
     assert_eq!(
-        shape(&m, "mid_block.attentions.0.transformer_blocks.0.attn1.to_k.weight").0,
+        shape(
+            &m,
+            "mid_block.attentions.0.transformer_blocks.0.attn1.to_k.weight"
+        )
+        .0,
         vec![64, 64]
     );
     let u = UnetConfig::try_from(&a).expect("config");
@@ -304,9 +341,14 @@ fn only_cross_attention_makes_attn1_read_the_context() {
 
 #[test]
 fn a_single_only_cross_attention_flag_covers_the_middle_block() {
-    let a = cond(json!({"only_cross_attention": true})).arch().expect("arch");
+    let a = cond(json!({"only_cross_attention": true}))
+        .arch()
+        .expect("arch");
     assert_eq!(
-        (a.disable_self_attentions.clone(), a.disable_middle_self_attn),
+        (
+            a.disable_self_attentions.clone(),
+            a.disable_middle_self_attn
+        ),
         (vec![true, true], true)
     );
     let a = cond(json!({"only_cross_attention": true, "mid_block_only_cross_attention": false}))
@@ -315,23 +357,34 @@ fn a_single_only_cross_attention_flag_covers_the_middle_block() {
     assert!(!a.disable_middle_self_attn);
     let m = unet_key_map(&cond(json!({"only_cross_attention": true}))).expect("map");
     assert_eq!(
-        shape(&m, "mid_block.attentions.0.transformer_blocks.0.attn1.to_k.weight").0,
+        shape(
+            &m,
+            "mid_block.attentions.0.transformer_blocks.0.attn1.to_k.weight"
+        )
+        .0,
         vec![64, 16]
     );
 }
 
 #[test]
 fn num_class_embeds_becomes_num_classes() {
-    let a = cond(json!({"num_class_embeds": 1000})).arch().expect("arch");
+    let a = cond(json!({"num_class_embeds": 1000}))
+        .arch()
+        .expect("arch");
     let u = UnetConfig::try_from(&a).expect("config");
     assert_eq!(u.num_classes, Some(1000));
     assert_eq!(u.context_dim, Some(16));
-    assert_eq!(u.disable_self_attentions, None, "no level disables self-attention");
+    assert_eq!(
+        u.disable_self_attentions, None,
+        "no level disables self-attention"
+    );
 }
 
 #[test]
 fn per_level_res_blocks_do_not_make_a_unet_config() {
-    let a = cond(json!({"layers_per_block": [1, 2]})).arch().expect("arch");
+    let a = cond(json!({"layers_per_block": [1, 2]}))
+        .arch()
+        .expect("arch");
     let e = UnetConfig::try_from(&a).expect_err("per-level");
     assert!(e.to_string().contains("num_res_blocks"), "{e}");
 }

@@ -350,14 +350,27 @@ fn conditioning_inputs_are_checked() -> Result<()> {
     let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&path], DType::F32, &dev)? };
     let unet = unet_from_vb(vb.pp("model.diffusion_model"), &x4())?;
     let r = Refs::load("x4")?;
-    let (x, t, ctx, y) = (r.req("x"), &r.req("t").to_dtype(DType::F32)?, r.req("ctx"), r.req("y"));
-    assert!(unet.forward_with(x, t, Some(ctx), None).is_err(), "labels required");
-    assert!(unet.forward_with(x, t, None, Some(y)).is_err(), "context required");
+    let (x, t, ctx, y) = (
+        r.req("x"),
+        &r.req("t").to_dtype(DType::F32)?,
+        r.req("ctx"),
+        r.req("y"),
+    );
+    assert!(
+        unet.forward_with(x, t, Some(ctx), None).is_err(),
+        "labels required"
+    );
+    assert!(
+        unet.forward_with(x, t, None, Some(y)).is_err(),
+        "context required"
+    );
     let bad = Tensor::new(&[3i64, 1000], &dev)?;
     let err = unet.forward_with(x, t, Some(ctx), Some(&bad));
     assert!(format!("{:?}", err.err()).contains("1000"), "label range");
     let float_labels = y.to_dtype(DType::F32)?;
-    assert!(unet.forward_with(x, t, Some(ctx), Some(&float_labels)).is_err());
+    assert!(unet
+        .forward_with(x, t, Some(ctx), Some(&float_labels))
+        .is_err());
     // forward(x, t, ctx) is forward_with(x, t, Some(ctx), None): refused for a labelled model
     assert!(unet.forward(x, t, ctx).is_err());
     Ok(())

@@ -49,7 +49,9 @@ impl AttentionBlock {
         vb: VarBuilder,
     ) -> Result<Self> {
         if num_heads == 0 || !channels.is_multiple_of(num_heads) {
-            candle_core::bail!("AttentionBlock: {num_heads} heads do not divide {channels} channels");
+            candle_core::bail!(
+                "AttentionBlock: {num_heads} heads do not divide {channels} channels"
+            );
         }
         Ok(Self {
             norm: candle_nn::group_norm(num_groups, channels, RES_GROUP_NORM_EPS, vb.pp("norm"))?,
@@ -78,14 +80,16 @@ impl AttentionBlock {
             .transpose(1, 2)?
             .contiguous()?; // [B, T, C]
         let qkv = self.qkv.forward(&tokens)?; // [B, T, 3C]
-        // [B, T, 3, heads, d] (new order) or [B, T, heads, 3, d] (legacy), then part p as [B, heads, T, d]
+                                              // [B, T, 3, heads, d] (new order) or [B, T, heads, 3, d] (legacy), then part p as [B, heads, T, d]
         let part = |p: usize| -> Result<Tensor> {
             let t = if self.new_order {
                 qkv.reshape((b, h * w, 3, heads, d))?.narrow(2, p, 1)?
             } else {
                 qkv.reshape((b, h * w, heads, 3, d))?.narrow(3, p, 1)?
             };
-            t.reshape((b, h * w, heads, d))?.transpose(1, 2)?.contiguous()
+            t.reshape((b, h * w, heads, d))?
+                .transpose(1, 2)?
+                .contiguous()
         };
         let a = attention(&part(0)?, &part(1)?, &part(2)?, self.max_score_bytes)?; // [B, heads, T, d]
         let a = a.transpose(1, 2)?.reshape((b, h * w, c))?; // [B, T, C], channel h·d + i

@@ -16,6 +16,7 @@
 //!   the second stage becomes `h = conv₂(SiLU(GN(h)·(1 + scale) + shift))`.
 //! - `up` / `down` (`resblock_updown`): after `SiLU(GN(x))` and before `conv₁`, `h` is resampled by ×2
 //!   nearest-neighbour or 2×2 average pooling; `x` is resampled the same way before the skip.
+//!
 //! The 3×3 skip convolution (`use_conv=True`) is used by no UNet layout and is not built.
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
@@ -80,7 +81,14 @@ impl ResBlock {
         vb: VarBuilder,
     ) -> Result<Self> {
         let options = ResBlockOptions::default();
-        Self::with_options(in_channels, out_channels, emb_channels, num_groups, options, vb)
+        Self::with_options(
+            in_channels,
+            out_channels,
+            emb_channels,
+            num_groups,
+            options,
+            vb,
+        )
     }
 
     /// As [`ResBlock::new`], with the scale-shift and resampling options.

@@ -216,16 +216,15 @@ impl DiffusersUnet2dConfig {
                 resamplers.push(up_resample);
             }
         }
-        let resblock_updown = match resamplers.first() {
-            Some(&first) if resamplers.iter().any(|&r| r != first) => {
-                return Err(unsupported(
+        let resblock_updown =
+            match resamplers.first() {
+                Some(&first) if resamplers.iter().any(|&r| r != first) => return Err(unsupported(
                     "down_block_types",
                     format!("{:?} / {:?}", self.down_block_types, self.up_block_types),
                     "LDM resamples every level the same way (conv or ResBlock, `resblock_updown`)",
-                ))
-            }
-            first => first == Some(&Resampler::Resnet),
-        };
+                )),
+                first => first == Some(&Resampler::Resnet),
+            };
         match self.mid_block_type.as_deref() {
             Some("UNetMidBlock2D") if self.add_attention => {}
             other => {
@@ -365,16 +364,33 @@ pub fn unet2d_key_map_for(u: &UnetConfig) -> Result<KeyMap> {
         let out = ch_of(level);
         for j in 0..u.num_res_blocks {
             let c = format!("input_blocks.{block}");
-            resnet_block(&mut m, &format!("down_blocks.{level}.resnets.{j}"), &format!("{c}.0"), ch, out, temb, ss)?;
+            resnet_block(
+                &mut m,
+                &format!("down_blocks.{level}.resnets.{j}"),
+                &format!("{c}.0"),
+                ch,
+                out,
+                temb,
+                ss,
+            )?;
             ch = out;
             if u.attention_levels.contains(&level) {
-                attention(&mut m, &format!("down_blocks.{level}.attentions.{j}"), &format!("{c}.1"), ch, heads(ch)?)?;
+                attention(
+                    &mut m,
+                    &format!("down_blocks.{level}.attentions.{j}"),
+                    &format!("{c}.1"),
+                    ch,
+                    heads(ch)?,
+                )?;
             }
             skips.push(ch);
             block += 1;
         }
         if level + 1 != n {
-            let (d, c) = (format!("down_blocks.{level}.downsamplers.0"), format!("input_blocks.{block}.0"));
+            let (d, c) = (
+                format!("down_blocks.{level}.downsamplers.0"),
+                format!("input_blocks.{block}.0"),
+            );
             if u.resblock_updown {
                 resnet_block(&mut m, &d, &c, ch, ch, temb, ss)?;
             } else {
@@ -384,9 +400,31 @@ pub fn unet2d_key_map_for(u: &UnetConfig) -> Result<KeyMap> {
             block += 1;
         }
     }
-    resnet_block(&mut m, "mid_block.resnets.0", "middle_block.0", ch, ch, temb, ss)?;
-    attention(&mut m, "mid_block.attentions.0", "middle_block.1", ch, heads(ch)?)?;
-    resnet_block(&mut m, "mid_block.resnets.1", "middle_block.2", ch, ch, temb, ss)?;
+    resnet_block(
+        &mut m,
+        "mid_block.resnets.0",
+        "middle_block.0",
+        ch,
+        ch,
+        temb,
+        ss,
+    )?;
+    attention(
+        &mut m,
+        "mid_block.attentions.0",
+        "middle_block.1",
+        ch,
+        heads(ch)?,
+    )?;
+    resnet_block(
+        &mut m,
+        "mid_block.resnets.1",
+        "middle_block.2",
+        ch,
+        ch,
+        temb,
+        ss,
+    )?;
 
     let mut block = 0;
     for (up, level) in (0..n).rev().enumerate() {
@@ -397,15 +435,32 @@ pub fn unet2d_key_map_for(u: &UnetConfig) -> Result<KeyMap> {
                 detail: "more up-path res blocks than skip connections".to_string(),
             })?;
             let c = format!("output_blocks.{block}");
-            resnet_block(&mut m, &format!("up_blocks.{up}.resnets.{j}"), &format!("{c}.0"), ch + skip, out, temb, ss)?;
+            resnet_block(
+                &mut m,
+                &format!("up_blocks.{up}.resnets.{j}"),
+                &format!("{c}.0"),
+                ch + skip,
+                out,
+                temb,
+                ss,
+            )?;
             ch = out;
             let mut slot = 1;
             if u.attention_levels.contains(&level) {
-                attention(&mut m, &format!("up_blocks.{up}.attentions.{j}"), &format!("{c}.1"), ch, heads(ch)?)?;
+                attention(
+                    &mut m,
+                    &format!("up_blocks.{up}.attentions.{j}"),
+                    &format!("{c}.1"),
+                    ch,
+                    heads(ch)?,
+                )?;
                 slot = 2;
             }
             if level != 0 && j == u.num_res_blocks {
-                let (d, c) = (format!("up_blocks.{up}.upsamplers.0"), format!("{c}.{slot}"));
+                let (d, c) = (
+                    format!("up_blocks.{up}.upsamplers.0"),
+                    format!("{c}.{slot}"),
+                );
                 if u.resblock_updown {
                     resnet_block(&mut m, &d, &c, ch, ch, temb, ss)?;
                 } else {

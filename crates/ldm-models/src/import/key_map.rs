@@ -425,7 +425,11 @@ impl KeyMap {
                     let rows = e.diffusers_shape.first().copied().unwrap_or(0);
                     t.narrow(0, index * rows, rows)?
                 }
-                Conversion::HeadBlock { index, count, heads } => {
+                Conversion::HeadBlock {
+                    index,
+                    count,
+                    heads,
+                } => {
                     let grouped = head_grouped_shape(&e.canonical_shape, count, heads);
                     t.reshape(grouped.as_slice())?
                         .narrow(1, index, 1)?

@@ -43,9 +43,7 @@ pub use diffusers_clip::{
 pub use diffusers_unet::{
     unet_key_map, unet_key_map_for, DiffusersUnetConfig, Heads, UnetArch, UNET_PREFIX,
 };
-pub use diffusers_unet2d::{
-    unet2d_key_map, unet2d_key_map_for, DiffusersUnet2dConfig, Unet2dArch,
-};
+pub use diffusers_unet2d::{unet2d_key_map, unet2d_key_map_for, DiffusersUnet2dConfig, Unet2dArch};
 pub use diffusers_vae::{vae_key_map, vae_key_map_for, DiffusersVaeConfig, VaeArch, VAE_PREFIX};
 pub use error::{ImportError, KeyReport, MissingKey, Result, ShapeMismatch};
 pub use folder::{component_files, ComponentFiles};

@@ -124,14 +124,27 @@ impl Builder<'_> {
         })
     }
 
-    fn res(&self, cin: usize, cout: usize, resample: Option<Resample>, vb: VarBuilder) -> Result<Layer> {
+    fn res(
+        &self,
+        cin: usize,
+        cout: usize,
+        resample: Option<Resample>,
+        vb: VarBuilder,
+    ) -> Result<Layer> {
         let cfg = self.cfg;
         let options = ResBlockOptions {
             use_scale_shift_norm: cfg.use_scale_shift_norm,
             resample,
         };
         let emb = cfg.time_embed_dim();
-        Ok(Layer::Res(ResBlock::with_options(cin, cout, emb, cfg.num_groups, options, vb)?))
+        Ok(Layer::Res(ResBlock::with_options(
+            cin,
+            cout,
+            emb,
+            cfg.num_groups,
+            options,
+            vb,
+        )?))
     }
 
     /// The level's downsampler at `vb` (`input_blocks.N.0`).
@@ -377,7 +390,9 @@ impl Unet {
             }
             (None, None) => {}
             (Some(dim), None) => {
-                candle_core::bail!("UNet: this model cross-attends a context [{b}, M, {dim}]; none given")
+                candle_core::bail!(
+                    "UNet: this model cross-attends a context [{b}, M, {dim}]; none given"
+                )
             }
             (None, Some(_)) => {
                 candle_core::bail!("UNet: context given to a model without cross-attention")
