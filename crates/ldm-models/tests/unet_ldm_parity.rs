@@ -18,7 +18,7 @@ use ldm_models::import::{
     unet2d_key_map, unet_key_map, DiffusersUnet2dConfig, DiffusersUnetConfig, KeyMap,
 };
 use ldm_models::unet::keys::unet_keys;
-use ldm_models::unet::{unet_from_vb, HeadSpec, UnetConfig};
+use ldm_models::unet::{unet_from_vb, HeadSpec, OriginalUnetParams, UnetConfig};
 
 const R: f32 = 1e-4;
 const A: f32 = 1e-5;
@@ -174,8 +174,19 @@ fn original_tensors(variant: &str) -> Result<HashMap<String, Tensor>> {
     candle_core::safetensors::load(dir(variant).join("model.safetensors"), &Device::Cpu)
 }
 
-/// The original single file: the module tree reads exactly its tensors, and the output matches.
+/// The original single file: its `unet_params.json` (the original constructor arguments) translates to `cfg`,
+/// the module tree reads exactly its tensors, and the output matches.
 fn check_original(variant: &str, cfg: &UnetConfig) -> Result<()> {
+    let text = std::fs::read_to_string(dir(variant).join("unet_params.json")).expect("params");
+    let json: serde_json::Value = serde_json::from_str(&text).expect("json");
+    let params: OriginalUnetParams =
+        serde_json::from_value(json["params"].clone()).expect("original params");
+    let groups = json["num_groups"].as_u64().expect("num_groups") as usize;
+    assert_eq!(
+        params.to_config(groups).as_ref(),
+        Ok(cfg),
+        "{variant}: unet_params.json"
+    );
     let file = original_tensors(variant)?;
     let mut in_file: Vec<(String, Vec<usize>)> = file
         .iter()
@@ -374,4 +385,53 @@ fn conditioning_inputs_are_checked() -> Result<()> {
     // forward(x, t, ctx) is forward_with(x, t, Some(ctx), None): refused for a labelled model
     assert!(unet.forward(x, t, ctx).is_err());
     Ok(())
+}
+
+/// The UNets of the end-to-end upscaling fixtures load strictly from their diffusers folders.
+#[test]
+fn upscaling_fixture_unets_load_strictly() -> Result<()> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures");
+    let load = |folder: &str, map: KeyMap, cfg: &UnetConfig| -> Result<()> {
+        let weights = root
+            .join(folder)
+            .join("diffusion_pytorch_model.safetensors");
+        let tensors = candle_core::safetensors::load(weights, &Device::Cpu)?;
+        let canonical = map
+            .to_canonical(tensors)
+            .unwrap_or_else(|e| panic!("{folder}: {e}"));
+        let tensors: HashMap<String, Tensor> = canonical
+            .into_iter()
+            .map(|(k, v)| Ok((k, v.to_dtype(DType::F32)?)))
+            .collect::<Result<_>>()?;
+        unet_from_vb(
+            VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu),
+            cfg,
+        )?;
+        Ok(())
+    };
+    let sr = DiffusersUnet2dConfig::from_file(&root.join("ldm-sr-tiny/diffusers/unet/config.json"))
+        .expect("config");
+    let arch = sr.arch().expect("arch");
+    assert_eq!((arch.unet.in_channels, arch.unet.out_channels), (6, 3));
+    load(
+        "ldm-sr-tiny/diffusers/unet",
+        unet2d_key_map(&sr).expect("map"),
+        &arch.unet,
+    )?;
+    let x4 = DiffusersUnetConfig::from_file(&root.join("sd-x4-tiny/diffusers/unet/config.json"))
+        .expect("config");
+    let cfg = UnetConfig::try_from(&x4.arch().expect("arch")).expect("config");
+    assert_eq!(
+        (
+            cfg.in_channels,
+            cfg.num_classes,
+            cfg.disable_self_attentions.clone()
+        ),
+        (7, Some(1000), Some(vec![true, true, false]))
+    );
+    load(
+        "sd-x4-tiny/diffusers/unet",
+        unet_key_map(&x4).expect("map"),
+        &cfg,
+    )
 }

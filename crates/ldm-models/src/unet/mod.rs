@@ -19,8 +19,10 @@
 //! (`.1` SiLU). Without `conv_resample` the resampling layers have no weights (their index is unused).
 pub mod config;
 pub mod keys;
+pub mod original;
 
 pub use config::{HeadSpec, UnetConfig, UnetConfigError};
+pub use original::OriginalUnetParams;
 
 use crate::blocks::embed::{timestep_embedding, MAX_PERIOD};
 use crate::blocks::legacy_attention::AttentionBlock;
