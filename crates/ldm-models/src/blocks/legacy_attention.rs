@@ -78,6 +78,7 @@ impl AttentionBlock {
             .forward(x)?
             .reshape((b, c, h * w))?
             .transpose(1, 2)?
+            // Required: candle 0.11.1's CPU Linear/matmul silently gives wrong values on this transposed view.
             .contiguous()?; // [B, T, C]
         let qkv = self.qkv.forward(&tokens)?; // [B, T, 3C]
                                               // [B, T, 3, heads, d] (new order) or [B, T, heads, 3, d] (legacy), then part p as [B, heads, T, d]
