@@ -408,10 +408,6 @@ fn unet_configs_the_original_cannot_express_are_refused() {
         }
     ));
     assert!(matches!(
-        refused(json!({"only_cross_attention": [true, false]})),
-        ImportError::Unsupported { .. }
-    ));
-    assert!(matches!(
         refused(json!({"down_block_types": ["SimpleCrossAttnDownBlock2D", "DownBlock2D"]})),
         ImportError::Unsupported { .. }
     ));

@@ -40,9 +40,10 @@ fn sd1_tiny() -> UnetConfig {
         attention_levels: vec![0], // attention_resolutions [1]
         heads: HeadSpec::Count(2),
         transformer_depth: 1,
-        context_dim: 16,
+        context_dim: Some(16),
         use_linear_in_transformer: false,
         num_groups: 32,
+        ..UnetConfig::sd_v1()
     }
 }
 

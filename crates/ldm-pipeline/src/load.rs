@@ -150,7 +150,7 @@ fn add_mapped(store: &mut WeightStore, path: &Path, map: &KeyMap) -> Result<()> 
                 let reshape = match e.conversion {
                     Conversion::Identity => None,
                     Conversion::Reshape => Some(e.canonical_shape.clone()),
-                    Conversion::RowBlock { .. } => {
+                    Conversion::RowBlock { .. } | Conversion::HeadBlock { .. } => {
                         return Err(PipelineError::Model(format!(
                             "{}: `{name}` needs a fused tensor",
                             path.display()
@@ -225,9 +225,10 @@ fn open_diffusers(dir: &Path, form: CheckpointForm) -> Result<Opened> {
             import::Heads::Dim(d) => HeadSpec::Dim(d),
         },
         transformer_depth: uniform(&ua.transformer_depth, "transformer_layers_per_block")?,
-        context_dim: ua.context_dim,
+        context_dim: Some(ua.context_dim),
         use_linear_in_transformer: ua.linear_projection,
         num_groups: ua.norm_groups,
+        ..UnetConfig::sd_v1()
     };
     unet.validate()
         .map_err(|e| PipelineError::Model(format!("{}: {e}", dir.display())))?;

@@ -210,11 +210,13 @@ impl ModelSpec {
             attention_levels,
             heads,
             transformer_depth: u.transformer_depth,
-            context_dim: u
-                .single_context_dim()
-                .ok_or_else(|| bad("unet_config has no single context_dim".into()))?,
+            context_dim: Some(
+                u.single_context_dim()
+                    .ok_or_else(|| bad("unet_config has no single context_dim".into()))?,
+            ),
             use_linear_in_transformer: u.use_linear_in_transformer,
             num_groups: 32,
+            ..UnetConfig::sd_v1()
         };
         unet.validate().map_err(|e| bad(e.to_string()))?;
         let (embed_dim, f) = match &cfg.first_stage {

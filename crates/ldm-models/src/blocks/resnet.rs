@@ -10,7 +10,14 @@
 //! out = skip(x) + h                             skip_connection: 1×1 conv when channels change, else identity
 //! ```
 //! The GroupNorms are `normalization(ch)` = `GroupNorm32(32, ch)` with eps 1e-5, computed in f32.
-//! Variants the SD presets never use (`use_scale_shift_norm`, `resblock_updown`, 3×3 skip) are not built.
+//!
+//! Options of the original (`ResBlockOptions`):
+//! - `use_scale_shift_norm` (FiLM, Perez et al. 2018): `emb_layers.1` outputs `2·C_out` = [scale, shift] and
+//!   the second stage becomes `h = conv₂(SiLU(GN(h)·(1 + scale) + shift))`.
+//! - `up` / `down` (`resblock_updown`): after `SiLU(GN(x))` and before `conv₁`, `h` is resampled by ×2
+//!   nearest-neighbour or 2×2 average pooling; `x` is resampled the same way before the skip.
+//!
+//! The 3×3 skip convolution (`use_conv=True`) is used by no UNet layout and is not built.
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
 
@@ -25,6 +32,34 @@ pub(crate) fn conv3x3(in_ch: usize, out_ch: usize, vb: VarBuilder) -> Result<Con
     candle_nn::conv2d(in_ch, out_ch, 3, cfg, vb)
 }
 
+/// Resampling inside a ResBlock (`up=True` / `down=True` of the original).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resample {
+    /// ×2 nearest-neighbour upsampling (`Upsample(use_conv=False)`).
+    Up,
+    /// 2×2 average pooling, stride 2 (`Downsample(use_conv=False)`).
+    Down,
+}
+
+impl Resample {
+    pub fn apply(self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Resample::Up => {
+                let (_, _, h, w) = x.dims4()?;
+                x.upsample_nearest2d(2 * h, 2 * w)
+            }
+            Resample::Down => x.avg_pool2d(2),
+        }
+    }
+}
+
+/// The ResBlock options of the original `ResBlock` constructor.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ResBlockOptions {
+    pub use_scale_shift_norm: bool,
+    pub resample: Option<Resample>,
+}
+
 #[derive(Debug, Clone)]
 pub struct ResBlock {
     in_norm: GroupNorm,   // in_layers.0
@@ -33,6 +68,7 @@ pub struct ResBlock {
     out_norm: GroupNorm,  // out_layers.0
     out_conv: Conv2d,     // out_layers.3 (out_layers.1 SiLU, out_layers.2 Dropout)
     skip: Option<Conv2d>, // skip_connection, present iff in_channels != out_channels
+    options: ResBlockOptions,
 }
 
 impl ResBlock {
@@ -44,6 +80,31 @@ impl ResBlock {
         num_groups: usize,
         vb: VarBuilder,
     ) -> Result<Self> {
+        let options = ResBlockOptions::default();
+        Self::with_options(
+            in_channels,
+            out_channels,
+            emb_channels,
+            num_groups,
+            options,
+            vb,
+        )
+    }
+
+    /// As [`ResBlock::new`], with the scale-shift and resampling options.
+    pub fn with_options(
+        in_channels: usize,
+        out_channels: usize,
+        emb_channels: usize,
+        num_groups: usize,
+        options: ResBlockOptions,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let emb_out = if options.use_scale_shift_norm {
+            2 * out_channels
+        } else {
+            out_channels
+        };
         let vi = vb.pp("in_layers");
         let vo = vb.pp("out_layers");
         let skip = if in_channels == out_channels {
@@ -66,7 +127,7 @@ impl ResBlock {
                 vi.pp("0"),
             )?,
             in_conv: conv3x3(in_channels, out_channels, vi.pp("2"))?,
-            emb_proj: candle_nn::linear(emb_channels, out_channels, vb.pp("emb_layers").pp("1"))?,
+            emb_proj: candle_nn::linear(emb_channels, emb_out, vb.pp("emb_layers").pp("1"))?,
             out_norm: candle_nn::group_norm(
                 num_groups,
                 out_channels,
@@ -75,21 +136,36 @@ impl ResBlock {
             )?,
             out_conv: conv3x3(out_channels, out_channels, vo.pp("3"))?,
             skip,
+            options,
         })
     }
 
-    /// `x`: `[B, C_in, H, W]`, `emb`: `[B, E]` → `[B, C_out, H, W]`.
+    /// `x`: `[B, C_in, H, W]`, `emb`: `[B, E]` → `[B, C_out, H', W']` (H' = 2H, H/2 or H).
     pub fn forward(&self, x: &Tensor, emb: &Tensor) -> Result<Tensor> {
-        let h = self.in_conv.forward(&self.in_norm.forward(x)?.silu()?)?; // [B, C_out, H, W]
+        let h = self.in_norm.forward(x)?.silu()?;
+        let (h, x) = match self.options.resample {
+            Some(r) => (r.apply(&h)?, r.apply(x)?),
+            None => (h, x.clone()),
+        };
+        let h = self.in_conv.forward(&h)?; // [B, C_out, H', W']
         let e = self
             .emb_proj
             .forward(&emb.silu()?)?
             .unsqueeze(2)?
-            .unsqueeze(3)?; // [B, C_out, 1, 1]
-        let h = h.broadcast_add(&e)?;
-        let h = self.out_conv.forward(&self.out_norm.forward(&h)?.silu()?)?;
+            .unsqueeze(3)?; // [B, C_out or 2·C_out, 1, 1]
+        let h = if self.options.use_scale_shift_norm {
+            let c = e.dim(1)? / 2;
+            let (scale, shift) = (e.narrow(1, 0, c)?, e.narrow(1, c, c)?);
+            self.out_norm
+                .forward(&h)?
+                .broadcast_mul(&(scale + 1.0)?)?
+                .broadcast_add(&shift)?
+        } else {
+            self.out_norm.forward(&h.broadcast_add(&e)?)?
+        };
+        let h = self.out_conv.forward(&h.silu()?)?;
         match &self.skip {
-            Some(skip) => skip.forward(x)? + h,
+            Some(skip) => skip.forward(&x)? + h,
             None => x + h,
         }
     }

@@ -1,15 +1,15 @@
-//! Resolution changes of the LDM UNet (`openaimodel.Downsample` / `Upsample` with `conv_resample=True`).
+//! Resolution changes of the LDM UNet (`openaimodel.Downsample` / `Upsample`).
 //!
-//! | block        | op                                          | key    |
-//! |--------------|---------------------------------------------|--------|
-//! | `Downsample` | 3×3 conv, stride 2, padding 1: H → ⌈H/2⌉     | `op`   |
-//! | `Upsample`   | nearest-neighbour ×2, then 3×3 conv, pad 1  | `conv` |
+//! | block        | `conv_resample=True` (keys)                  | `conv_resample=False` (no weights) |
+//! |--------------|----------------------------------------------|------------------------------------|
+//! | `Downsample` | 3×3 conv, stride 2, padding 1: H → ⌈H/2⌉ (`op`) | 2×2 average pooling, stride 2      |
+//! | `Upsample`   | nearest-neighbour ×2, then 3×3 conv, pad 1 (`conv`) | nearest-neighbour ×2           |
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
 
 #[derive(Debug, Clone)]
 pub struct Downsample {
-    op: Conv2d, // op
+    op: Option<Conv2d>, // op (a conv), or average pooling
 }
 
 impl Downsample {
@@ -20,31 +20,58 @@ impl Downsample {
             ..Default::default()
         };
         Ok(Self {
-            op: candle_nn::conv2d(in_channels, out_channels, 3, cfg, vb.pp("op"))?,
+            op: Some(candle_nn::conv2d(
+                in_channels,
+                out_channels,
+                3,
+                cfg,
+                vb.pp("op"),
+            )?),
         })
     }
 
-    /// `[B, C, H, W]` → `[B, C_out, ⌈H/2⌉, ⌈W/2⌉]`.
+    /// The weightless variant (`conv_resample=False`): 2×2 average pooling.
+    pub fn pool() -> Self {
+        Self { op: None }
+    }
+
+    /// `[B, C, H, W]` → `[B, C_out, ⌈H/2⌉, ⌈W/2⌉]` (pooling: `⌊H/2⌋`).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.op.forward(x)
+        match &self.op {
+            Some(op) => op.forward(x),
+            None => x.avg_pool2d(2),
+        }
     }
 }
 
 #[derive(Debug, Clone)]
 pub struct Upsample {
-    conv: Conv2d, // conv
+    conv: Option<Conv2d>, // conv
 }
 
 impl Upsample {
     pub fn new(in_channels: usize, out_channels: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            conv: super::resnet::conv3x3(in_channels, out_channels, vb.pp("conv"))?,
+            conv: Some(super::resnet::conv3x3(
+                in_channels,
+                out_channels,
+                vb.pp("conv"),
+            )?),
         })
+    }
+
+    /// The weightless variant (`conv_resample=False`): nearest-neighbour ×2 only.
+    pub fn nearest() -> Self {
+        Self { conv: None }
     }
 
     /// `[B, C, H, W]` → `[B, C_out, 2H, 2W]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
-        self.conv.forward(&x.upsample_nearest2d(2 * h, 2 * w)?)
+        let x = x.upsample_nearest2d(2 * h, 2 * w)?;
+        match &self.conv {
+            Some(conv) => conv.forward(&x),
+            None => Ok(x),
+        }
     }
 }

@@ -6,7 +6,8 @@
 //! x    = GN(x)  (32 groups, eps 1e-6)                  norm
 //! x    = proj_in(x) → [B, H·W, inner]                  proj_in: 1×1 conv before the reshape, or Linear after it
 //! for each block:                                      transformer_blocks.i (BasicTransformerBlock)
-//!     x = attn1(LN₁(x)) + x                            self-attention
+//!     x = attn1(LN₁(x)) + x                            self-attention (or, with disable_self_attn, attention
+//!                                                      to the context: SD x4 upscaler, Stability's attention.py)
 //!     x = attn2(LN₂(x), context) + x                   cross-attention to context [B, M, context_dim]
 //!     x = ff(LN₃(x)) + x                               GEGLU feed-forward, inner width 4·dim
 //! x    = proj_out(x) → [B, C, H, W]                    Linear before the reshape, or 1×1 conv after it
@@ -55,19 +56,23 @@ pub struct BasicTransformerBlock {
     norm1: LayerNorm,
     norm2: LayerNorm,
     norm3: LayerNorm,
+    disable_self_attn: bool,
 }
 
 impl BasicTransformerBlock {
+    /// `disable_self_attn`: `attn1` takes its keys and values from the context too.
     pub fn new(
         dim: usize,
         num_heads: usize,
         head_dim: usize,
         context_dim: usize,
+        disable_self_attn: bool,
         vb: VarBuilder,
     ) -> Result<Self> {
+        let attn1_context = disable_self_attn.then_some(context_dim);
         let ln = |name: &str| candle_nn::layer_norm(dim, LAYER_NORM_EPS, vb.pp(name));
         Ok(Self {
-            attn1: CrossAttention::new(dim, None, num_heads, head_dim, vb.pp("attn1"))?,
+            attn1: CrossAttention::new(dim, attn1_context, num_heads, head_dim, vb.pp("attn1"))?,
             attn2: CrossAttention::new(
                 dim,
                 Some(context_dim),
@@ -79,12 +84,14 @@ impl BasicTransformerBlock {
             norm1: ln("norm1")?,
             norm2: ln("norm2")?,
             norm3: ln("norm3")?,
+            disable_self_attn,
         })
     }
 
     /// `x`: `[B, N, dim]`, `context`: `[B, M, context_dim]`.
     pub fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
-        let x = (self.attn1.forward(&self.norm1.forward(x)?, None)? + x)?;
+        let attn1_context = self.disable_self_attn.then_some(context);
+        let x = (self.attn1.forward(&self.norm1.forward(x)?, attn1_context)? + x)?;
         let x = (self
             .attn2
             .forward(&self.norm2.forward(&x)?, Some(context))?
@@ -132,6 +139,8 @@ pub struct TransformerShape {
     pub context_dim: usize,
     pub linear_projection: bool,
     pub num_groups: usize,
+    /// `attn1` attends the context (`disable_self_attn`).
+    pub disable_self_attn: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -161,6 +170,7 @@ impl SpatialTransformer {
                     shape.num_heads,
                     shape.head_dim,
                     shape.context_dim,
+                    shape.disable_self_attn,
                     vbt.pp(i),
                 )
             })

@@ -62,6 +62,9 @@ pub struct DiffusersUnetConfig {
     pub upcast_attention: bool,
     #[serde(default = "no")]
     pub only_cross_attention: OneOrMany<bool>,
+    /// `null`: the value of `only_cross_attention` when that is a single bool, else false (diffusers' rule).
+    #[serde(default)]
+    pub mid_block_only_cross_attention: Option<bool>,
     #[serde(default)]
     pub time_embedding_dim: Option<usize>,
     /// All other entries, checked by [`DiffusersUnetConfig::arch`].
@@ -136,6 +139,10 @@ pub struct UnetArch {
     pub norm_groups: usize,
     /// `num_classes` of an `nn.Embedding` class label input (`label_emb`), e.g. the x4 upscaler's noise level.
     pub num_classes: Option<usize>,
+    /// `disable_self_attentions` per level (diffusers `only_cross_attention`): `attn1` attends the context.
+    pub disable_self_attentions: Vec<bool>,
+    /// `disable_middle_self_attn` (diffusers `mid_block_only_cross_attention`).
+    pub disable_middle_self_attn: bool,
     /// diffusers computes attention scores in f32 (SD2.1's config sets it); a numerics hint, no weights.
     pub upcast_attention: bool,
     /// Config entries that were neither used nor known to be harmless: log them.
@@ -184,7 +191,6 @@ const FIXED: &[Fixed] = &[
     Fixed { field: "encoder_hid_dim", accepted: &[Accepted::Null], reason: "no context projection in LDM" },
     Fixed { field: "encoder_hid_dim_type", accepted: &[Accepted::Null], reason: "no context projection in LDM" },
     Fixed { field: "attention_type", accepted: &[Accepted::Str("default")], reason: "gated attention is not in LDM" },
-    Fixed { field: "mid_block_only_cross_attention", accepted: &[Accepted::Null, Accepted::Bool(false)], reason: "not in LDM" },
     Fixed { field: "cross_attention_norm", accepted: &[Accepted::Null], reason: "not in LDM" },
     Fixed { field: "reverse_transformer_layers_per_block", accepted: &[Accepted::Null], reason: "LDM's up path mirrors the down path's depths" },
     Fixed { field: "addition_embed_type_num_heads", accepted: &[Accepted::Num(64.0)], reason: "SDXL-style added embeddings are not supported" },
@@ -290,16 +296,15 @@ impl DiffusersUnetConfig {
                 "diffusers itself rejects it; heads come from attention_head_dim",
             ));
         }
-        let only_cross = self
-            .only_cross_attention
-            .per_level(n, WHAT, "only_cross_attention")?;
-        if only_cross.iter().any(|&b| b) {
-            return Err(unsupported(
-                "only_cross_attention",
-                format!("{only_cross:?}"),
-                "transformers without self-attention are not supported",
-            ));
-        }
+        let disable_self_attentions =
+            self.only_cross_attention
+                .per_level(n, WHAT, "only_cross_attention")?;
+        let disable_middle_self_attn =
+            self.mid_block_only_cross_attention
+                .unwrap_or(match self.only_cross_attention {
+                    OneOrMany::One(b) => b,
+                    OneOrMany::Many(_) => false,
+                });
         let context = self
             .cross_attention_dim
             .per_level(n, WHAT, "cross_attention_dim")?;
@@ -350,6 +355,8 @@ impl DiffusersUnetConfig {
             linear_projection: self.use_linear_projection,
             norm_groups,
             num_classes: self.num_class_embeds,
+            disable_self_attentions,
+            disable_middle_self_attn,
             upcast_attention: self.upcast_attention,
             ignored,
         })
@@ -406,6 +413,7 @@ pub fn unet_key_map_for(a: &UnetArch) -> Result<KeyMap> {
     m.conv("conv_in", "input_blocks.0.0", mc, a.in_channels, 3)?;
     m.linear("time_embedding.linear_1", "time_embed.0", temb, mc, true)?;
     m.linear("time_embedding.linear_2", "time_embed.2", temb, temb, true)?;
+    // An `nn.Embedding` label input is `label_emb.weight` in the original (`num_classes` an int).
     if let Some(classes) = a.num_classes {
         m.rename(
             "class_embedding.weight",
@@ -439,6 +447,7 @@ pub fn unet_key_map_for(a: &UnetArch) -> Result<KeyMap> {
                     &format!("input_blocks.{block}.1"),
                     ch,
                     a.transformer_depth[level],
+                    Some(level),
                 )?;
             }
             skips.push(ch);
@@ -472,6 +481,7 @@ pub fn unet_key_map_for(a: &UnetArch) -> Result<KeyMap> {
         "middle_block.1",
         ch,
         a.transformer_depth[n - 1],
+        None,
     )?;
     resnet(
         &mut m,
@@ -510,6 +520,7 @@ pub fn unet_key_map_for(a: &UnetArch) -> Result<KeyMap> {
                     &format!("{c}.1"),
                     ch,
                     a.transformer_depth[level],
+                    Some(level),
                 )?;
                 slot = 2;
             }
@@ -533,6 +544,21 @@ pub fn unet_key_map_for(a: &UnetArch) -> Result<KeyMap> {
 /// diffusers `ResnetBlock2D` -> LDM `ResBlock` (`in_layers = [norm, SiLU, conv]`, `emb_layers = [SiLU, linear]`,
 /// `out_layers = [norm, SiLU, dropout, conv]`; the weightless indices are skipped).
 fn resnet(m: &mut KeyMap, d: &str, c: &str, inp: usize, out: usize, temb: usize) -> Result<()> {
+    resnet_block(m, d, c, inp, out, temb, false)
+}
+
+/// [`resnet`] with `use_scale_shift_norm` (`resnet_time_scale_shift: "scale_shift"`): the time projection
+/// gives `2 · out` (scale and shift).
+pub(crate) fn resnet_block(
+    m: &mut KeyMap,
+    d: &str,
+    c: &str,
+    inp: usize,
+    out: usize,
+    temb: usize,
+    scale_shift: bool,
+) -> Result<()> {
+    let emb_out = if scale_shift { 2 * out } else { out };
     m.norm(&format!("{d}.norm1"), &format!("{c}.in_layers.0"), inp)?;
     m.conv(
         &format!("{d}.conv1"),
@@ -544,7 +570,7 @@ fn resnet(m: &mut KeyMap, d: &str, c: &str, inp: usize, out: usize, temb: usize)
     m.linear(
         &format!("{d}.time_emb_proj"),
         &format!("{c}.emb_layers.1"),
-        out,
+        emb_out,
         temb,
         true,
     )?;
@@ -569,6 +595,7 @@ fn resnet(m: &mut KeyMap, d: &str, c: &str, inp: usize, out: usize, temb: usize)
 }
 
 /// diffusers `Transformer2DModel` -> LDM `SpatialTransformer`: the names below the block are the same.
+/// `level: None` is the middle block (its `attn1` follows `disable_middle_self_attn`).
 fn transformer(
     m: &mut KeyMap,
     a: &UnetArch,
@@ -576,8 +603,14 @@ fn transformer(
     c: &str,
     ch: usize,
     depth: usize,
+    level: Option<usize>,
 ) -> Result<()> {
     let ctx = a.context_dim;
+    let attn1_kv = match level {
+        Some(l) if a.disable_self_attentions.get(l).copied().unwrap_or(false) => ctx,
+        None if a.disable_middle_self_attn => ctx,
+        _ => ch,
+    };
     let proj = |m: &mut KeyMap, p: &str| {
         if a.linear_projection {
             m.linear(&format!("{d}.{p}"), &format!("{c}.{p}"), ch, ch, true)
@@ -592,7 +625,7 @@ fn transformer(
             format!("{d}.transformer_blocks.{k}"),
             format!("{c}.transformer_blocks.{k}"),
         );
-        for (attn, kv) in [("attn1", ch), ("attn2", ctx)] {
+        for (attn, kv) in [("attn1", attn1_kv), ("attn2", ctx)] {
             m.linear(
                 &format!("{d}.{attn}.to_q"),
                 &format!("{c}.{attn}.to_q"),

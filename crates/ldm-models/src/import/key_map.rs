@@ -22,6 +22,28 @@ pub enum Conversion {
     /// The diffusers tensor is block `index` of `count` equal blocks along dim 0 of the canonical tensor
     /// (OpenCLIP's fused `in_proj_weight` = rows of q, k, v).
     RowBlock { index: usize, count: usize },
+    /// The canonical tensor's dim 0 is `heads` groups of `count` equal blocks; the diffusers tensor is block
+    /// `index` of every group, concatenated, in the diffusers shape (same element count). This is the
+    /// head-interleaved fused `qkv` 1-D conv `[3C, C, 1]` of the legacy LDM `AttentionBlock` (`QKVAttentionLegacy`:
+    /// rows are head, then q/k/v, then row) against diffusers' `to_q`/`to_k`/`to_v` `[C, C]`; `heads = 1` is
+    /// the plain q/k/v split (`QKVAttention`).
+    HeadBlock {
+        index: usize,
+        count: usize,
+        heads: usize,
+    },
+}
+
+impl Conversion {
+    /// `(index, count)` of a conversion that fills one block of a fused canonical tensor.
+    pub fn block(&self) -> Option<(usize, usize)> {
+        match *self {
+            Conversion::RowBlock { index, count } | Conversion::HeadBlock { index, count, .. } => {
+                Some((index, count))
+            }
+            _ => None,
+        }
+    }
 }
 
 /// One row of the table.
@@ -70,11 +92,12 @@ impl KeyMap {
             .unwrap_or(&[]);
         let clash = parts.iter().any(|&i| {
             let other = &self.entries[i];
-            match (other.conversion, entry.conversion) {
-                (
-                    Conversion::RowBlock { index: a, count: n },
-                    Conversion::RowBlock { index: b, count: m },
-                ) => a == b || n != m || other.canonical_shape != entry.canonical_shape,
+            let same_kind = std::mem::discriminant(&other.conversion)
+                == std::mem::discriminant(&entry.conversion);
+            match (other.conversion.block(), entry.conversion.block()) {
+                (Some((a, n)), Some((b, m))) if same_kind => {
+                    a == b || n != m || other.canonical_shape != entry.canonical_shape
+                }
                 _ => true,
             }
         });
@@ -93,10 +116,7 @@ impl KeyMap {
         self.entries.push(entry);
         let entries = &self.entries;
         if let Some(parts) = self.by_canonical.get_mut(&canonical) {
-            parts.sort_by_key(|&j| match entries[j].conversion {
-                Conversion::RowBlock { index, .. } => index,
-                _ => 0,
-            });
+            parts.sort_by_key(|&j| entries[j].conversion.block().map_or(0, |(index, _)| index));
         }
         Ok(())
     }
@@ -328,6 +348,23 @@ impl KeyMap {
                     let blocks: Vec<Tensor> = parts.iter().map(|&i| take(&found, i)).collect();
                     Tensor::cat(&blocks, 0)?
                 }
+                Conversion::HeadBlock { count, heads, .. } => {
+                    if parts.len() != count {
+                        return Err(ImportError::IncompleteFusion {
+                            key: e.canonical.clone(),
+                            have: parts.len(),
+                            want: count,
+                        });
+                    }
+                    let grouped = head_grouped_shape(&e.canonical_shape, count, heads);
+                    let mut one = grouped.clone();
+                    one[1] = 1;
+                    let blocks = parts
+                        .iter()
+                        .map(|&i| take(&found, i).reshape(one.as_slice()))
+                        .collect::<candle_core::Result<Vec<_>>>()?;
+                    Tensor::cat(&blocks, 1)?.reshape(e.canonical_shape.as_slice())?
+                }
             };
             out.push((e.canonical.clone(), t));
         }
@@ -388,11 +425,28 @@ impl KeyMap {
                     let rows = e.diffusers_shape.first().copied().unwrap_or(0);
                     t.narrow(0, index * rows, rows)?
                 }
+                Conversion::HeadBlock {
+                    index,
+                    count,
+                    heads,
+                } => {
+                    let grouped = head_grouped_shape(&e.canonical_shape, count, heads);
+                    t.reshape(grouped.as_slice())?
+                        .narrow(1, index, 1)?
+                        .reshape(e.diffusers_shape.as_slice())?
+                }
             };
             out.push((e.diffusers.clone(), t));
         }
         Ok(out)
     }
+}
+
+/// `[heads, count, rows, rest]` for a canonical shape whose dim 0 is `heads · count · rows`.
+fn head_grouped_shape(canonical: &[usize], count: usize, heads: usize) -> Vec<usize> {
+    let dim0 = canonical.first().copied().unwrap_or(0);
+    let rest: usize = canonical.iter().skip(1).product();
+    vec![heads, count, dim0 / (heads * count).max(1), rest]
 }
 
 fn take(found: &[Option<Tensor>], i: usize) -> Tensor {

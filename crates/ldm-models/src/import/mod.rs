@@ -10,6 +10,7 @@
 //! | component | config | key map | canonical prefix |
 //! |---|---|---|---|
 //! | `unet/` | [`DiffusersUnetConfig`] -> [`UnetArch`] | [`unet_key_map`] | [`UNET_PREFIX`] |
+//! | `unet/` (`UNet2DModel`, LDM pipelines) | [`DiffusersUnet2dConfig`] -> [`Unet2dArch`] | [`unet2d_key_map`] | [`UNET_PREFIX`] |
 //! | `vae/` | [`DiffusersVaeConfig`] -> [`VaeArch`] | [`vae_key_map`] | [`VAE_PREFIX`] |
 //! | `vqvae/` (VQModel) | [`DiffusersVqConfig`] -> [`VqArch`] | [`vq_key_map`] | [`VQ_PREFIX`] |
 //! | `text_encoder/` SD1 | [`DiffusersClipConfig`] -> [`ClipArch`] | [`clip_key_map`] | [`CLIP_PREFIX`] |
@@ -35,6 +36,7 @@ mod key_map;
 pub mod diffusers_clip;
 pub mod diffusers_ldmbert;
 pub mod diffusers_unet;
+pub mod diffusers_unet2d;
 pub mod diffusers_vae;
 pub mod diffusers_vq;
 
@@ -48,6 +50,7 @@ pub use diffusers_ldmbert::{
 pub use diffusers_unet::{
     unet_key_map, unet_key_map_for, DiffusersUnetConfig, Heads, UnetArch, UNET_PREFIX,
 };
+pub use diffusers_unet2d::{unet2d_key_map, unet2d_key_map_for, DiffusersUnet2dConfig, Unet2dArch};
 pub use diffusers_vae::{vae_key_map, vae_key_map_for, DiffusersVaeConfig, VaeArch, VAE_PREFIX};
 pub use diffusers_vq::{vq_key_map, vq_key_map_for, DiffusersVqConfig, VqArch, VQ_PREFIX};
 pub use error::{ImportError, KeyReport, MissingKey, Result, ShapeMismatch};

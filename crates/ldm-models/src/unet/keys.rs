@@ -76,6 +76,19 @@ mod tests {
         Ok(())
     }
 
+    // The original `UNetModel` built from x4-upscaling.yaml (Stability-AI/stablediffusion @ cf1d67a) on the meta
+    // device: 687 tensors (SD2's 686 + label_emb.weight [1000, 1024]), 473,398,020 parameters.
+    #[test]
+    fn x4_upscaler_preset_has_the_original_key_count() -> Result<()> {
+        let keys = unet_keys(&UnetConfig::sd_x4_upscaler())?;
+        assert_eq!(keys.len(), 687);
+        let total: usize = keys.iter().map(|(_, s)| s.iter().product::<usize>()).sum();
+        assert_eq!(total, 473_398_020);
+        let label = keys.iter().find(|(k, _)| k == "label_emb.weight");
+        assert_eq!(label.map(|(_, s)| s.as_slice()), Some(&[1000, 1024][..]));
+        Ok(())
+    }
+
     const SD1_PARAMS: usize = 859_520_964;
     const SD2_PARAMS: usize = 865_910_724;
 }

@@ -6,25 +6,31 @@
 //! |------------------|---------------------------------------------------------------------|
 //! | `x`              | z_t (concatenated with mask and masked-image latent for inpainting), `[B, in_channels, H, W]` |
 //! | `t`              | model timestep t (f32, possibly fractional), `[B]` (or `[1]`, broadcast) |
-//! | `context`        | τ_θ(y), the text encoder's hidden states, `[B, M, context_dim]`     |
-//! | `emb`            | time embedding MLP(sinusoid(t)), `[B, 4·model_channels]`            |
+//! | `context`        | τ_θ(y), the conditioning encoder's output, `[B, M, context_dim]` (models with a `context_dim`) |
+//! | `y`              | class labels (`num_classes` models; the x4 upscaler's noise level), integer `[B]` |
+//! | `emb`            | MLP(sinusoid(t)) (+ label_emb(y)), `[B, 4·model_channels]`          |
 //! | output           | ε_θ(z_t, t, y) (or v), `[B, out_channels, H, W]`                    |
 //!
 //! Key tree (TimestepEmbedSequential indices are positions in the original `nn.Sequential`s):
-//! `time_embed.{0,2}` (`.1` SiLU), `input_blocks.0.0` (conv_in), `input_blocks.N.{0: ResBlock, 1: SpatialTransformer}`
-//! or `input_blocks.N.0.op` (Downsample), `middle_block.{0,2}` ResBlocks around `middle_block.1`,
-//! `output_blocks.N.{0: ResBlock, 1: SpatialTransformer, 1|2: Upsample}`, `out.{0: GroupNorm, 2: conv}` (`.1` SiLU).
+//! `time_embed.{0,2}` (`.1` SiLU), `label_emb` (class-conditional), `input_blocks.0.0` (conv_in),
+//! `input_blocks.N.{0: ResBlock, 1: SpatialTransformer | AttentionBlock}` or `input_blocks.N.0` (Downsample `op`,
+//! or a down-ResBlock with `resblock_updown`), `middle_block.{0,2}` ResBlocks around `middle_block.1`,
+//! `output_blocks.N.{0: ResBlock, 1: attention, 1|2: Upsample (`conv`) or up-ResBlock}`, `out.{0: GroupNorm, 2: conv}`
+//! (`.1` SiLU). Without `conv_resample` the resampling layers have no weights (their index is unused).
 pub mod config;
 pub mod keys;
+pub mod original;
 
 pub use config::{HeadSpec, UnetConfig, UnetConfigError};
+pub use original::OriginalUnetParams;
 
 use crate::blocks::embed::{timestep_embedding, MAX_PERIOD};
-use crate::blocks::resnet::{conv3x3, ResBlock, RES_GROUP_NORM_EPS};
+use crate::blocks::legacy_attention::AttentionBlock;
+use crate::blocks::resnet::{conv3x3, ResBlock, ResBlockOptions, Resample, RES_GROUP_NORM_EPS};
 use crate::blocks::sample::{Downsample, Upsample};
 use crate::blocks::transformer::{SpatialTransformer, TransformerShape};
-use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, GroupNorm, Linear, VarBuilder};
+use candle_core::{DType, Module, Result, Tensor};
+use candle_nn::{Conv2d, Embedding, GroupNorm, Linear, VarBuilder};
 
 /// One entry of a `TimestepEmbedSequential`.
 #[derive(Debug, Clone)]
@@ -32,6 +38,7 @@ enum Layer {
     Conv(Conv2d),
     Res(ResBlock),
     Attn(SpatialTransformer),
+    SelfAttn(AttentionBlock),
     Down(Downsample),
     Up(Upsample),
 }
@@ -41,13 +48,17 @@ enum Layer {
 struct Block(Vec<Layer>);
 
 impl Block {
-    fn forward(&self, x: &Tensor, emb: &Tensor, context: &Tensor) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, emb: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
         let mut h = x.clone();
         for layer in &self.0 {
             h = match layer {
                 Layer::Conv(conv) => conv.forward(&h)?,
                 Layer::Res(res) => res.forward(&h, emb)?,
-                Layer::Attn(attn) => attn.forward(&h, context)?,
+                Layer::Attn(attn) => match context {
+                    Some(c) => attn.forward(&h, c)?,
+                    None => candle_core::bail!("UNet: a SpatialTransformer needs a context"),
+                },
+                Layer::SelfAttn(attn) => attn.forward(&h)?,
                 Layer::Down(down) => down.forward(&h)?,
                 Layer::Up(up) => up.forward(&h)?,
             };
@@ -58,6 +69,7 @@ impl Block {
     fn with_max_score_bytes(self, bytes: usize) -> Self {
         let layers = self.0.into_iter().map(|l| match l {
             Layer::Attn(a) => Layer::Attn(a.with_max_score_bytes(bytes)),
+            Layer::SelfAttn(a) => Layer::SelfAttn(a.with_max_score_bytes(bytes)),
             other => other,
         });
         Block(layers.collect())
@@ -67,12 +79,13 @@ impl Block {
 #[derive(Debug, Clone)]
 pub struct Unet {
     config: UnetConfig,
-    time_embed: [Linear; 2],   // time_embed.0, time_embed.2
-    input_blocks: Vec<Block>,  // input_blocks.N
-    middle_block: Block,       // middle_block.{0,1,2}
-    output_blocks: Vec<Block>, // output_blocks.N
-    out_norm: GroupNorm,       // out.0
-    out_conv: Conv2d,          // out.2
+    time_embed: [Linear; 2],      // time_embed.0, time_embed.2
+    label_emb: Option<Embedding>, // label_emb (num_classes models)
+    input_blocks: Vec<Block>,     // input_blocks.N
+    middle_block: Block,          // middle_block.{0,1,2}
+    output_blocks: Vec<Block>,    // output_blocks.N
+    out_norm: GroupNorm,          // out.0
+    out_conv: Conv2d,             // out.2
 }
 
 /// Builds the UNet from `vb` positioned at `model.diffusion_model`.
@@ -80,33 +93,101 @@ pub fn unet_from_vb(vb: VarBuilder, config: &UnetConfig) -> Result<Unet> {
     Unet::new(vb, config)
 }
 
+/// The layer constructors of one config (all read `cfg`).
+struct Builder<'a> {
+    cfg: &'a UnetConfig,
+}
+
+impl Builder<'_> {
+    /// The attention layer of a block at `level` (`None`: the middle block).
+    fn attention(&self, ch: usize, level: Option<usize>, vb: VarBuilder) -> Result<Layer> {
+        let cfg = self.cfg;
+        let (num_heads, head_dim) = cfg.heads.split(ch).map_err(candle_core::Error::wrap)?;
+        Ok(match cfg.context_dim {
+            Some(context_dim) => {
+                let shape = TransformerShape {
+                    num_heads,
+                    head_dim,
+                    depth: cfg.transformer_depth,
+                    context_dim,
+                    linear_projection: cfg.use_linear_in_transformer,
+                    num_groups: cfg.num_groups,
+                    disable_self_attn: cfg.self_attention_disabled(level),
+                };
+                Layer::Attn(SpatialTransformer::new(ch, &shape, vb)?)
+            }
+            None => Layer::SelfAttn(AttentionBlock::new(
+                ch,
+                num_heads,
+                cfg.num_groups,
+                cfg.use_new_attention_order,
+                vb,
+            )?),
+        })
+    }
+
+    fn res(
+        &self,
+        cin: usize,
+        cout: usize,
+        resample: Option<Resample>,
+        vb: VarBuilder,
+    ) -> Result<Layer> {
+        let cfg = self.cfg;
+        let options = ResBlockOptions {
+            use_scale_shift_norm: cfg.use_scale_shift_norm,
+            resample,
+        };
+        let emb = cfg.time_embed_dim();
+        Ok(Layer::Res(ResBlock::with_options(
+            cin,
+            cout,
+            emb,
+            cfg.num_groups,
+            options,
+            vb,
+        )?))
+    }
+
+    /// The level's downsampler at `vb` (`input_blocks.N.0`).
+    fn down(&self, ch: usize, vb: VarBuilder) -> Result<Layer> {
+        if self.cfg.resblock_updown {
+            self.res(ch, ch, Some(Resample::Down), vb)
+        } else if self.cfg.conv_resample {
+            Ok(Layer::Down(Downsample::new(ch, ch, vb)?))
+        } else {
+            Ok(Layer::Down(Downsample::pool()))
+        }
+    }
+
+    /// The level's upsampler at `vb` (`output_blocks.N.{1|2}`).
+    fn up(&self, ch: usize, vb: VarBuilder) -> Result<Layer> {
+        if self.cfg.resblock_updown {
+            self.res(ch, ch, Some(Resample::Up), vb)
+        } else if self.cfg.conv_resample {
+            Ok(Layer::Up(Upsample::new(ch, ch, vb)?))
+        } else {
+            Ok(Layer::Up(Upsample::nearest()))
+        }
+    }
+}
+
 impl Unet {
     /// Builds the UNet from `vb` positioned at `model.diffusion_model` (see [`unet_from_vb`]).
     pub fn new(vb: VarBuilder, config: &UnetConfig) -> Result<Self> {
         config.validate().map_err(candle_core::Error::wrap)?;
         let cfg = config;
+        let b = Builder { cfg };
         let mc = cfg.model_channels;
         let emb_dim = cfg.time_embed_dim();
-        let groups = cfg.num_groups;
-        let transformer = |ch: usize, vb: VarBuilder| -> Result<Layer> {
-            let (num_heads, head_dim) = cfg.heads.split(ch).map_err(candle_core::Error::wrap)?;
-            let shape = TransformerShape {
-                num_heads,
-                head_dim,
-                depth: cfg.transformer_depth,
-                context_dim: cfg.context_dim,
-                linear_projection: cfg.use_linear_in_transformer,
-                num_groups: groups,
-            };
-            Ok(Layer::Attn(SpatialTransformer::new(ch, &shape, vb)?))
-        };
-        let res = |cin, cout, vb| {
-            Ok::<_, candle_core::Error>(Layer::Res(ResBlock::new(cin, cout, emb_dim, groups, vb)?))
-        };
         let time_embed = [
             candle_nn::linear(mc, emb_dim, vb.pp("time_embed").pp("0"))?,
             candle_nn::linear(emb_dim, emb_dim, vb.pp("time_embed").pp("2"))?,
         ];
+        let label_emb = match cfg.num_classes {
+            Some(n) => Some(candle_nn::embedding(n, emb_dim, vb.pp("label_emb"))?),
+            None => None,
+        };
 
         let vin = vb.pp("input_blocks");
         let mut input_blocks = vec![Block(vec![Layer::Conv(conv3x3(
@@ -118,28 +199,28 @@ impl Unet {
         let mut ch = mc;
         let levels = cfg.channel_mult.len();
         for (level, &mult) in cfg.channel_mult.iter().enumerate() {
-            for _ in 0..cfg.num_res_blocks {
+            for i in 0..cfg.num_res_blocks {
                 let vbb = vin.pp(input_blocks.len());
-                let mut layers = vec![res(ch, mult * mc, vbb.pp("0"))?];
+                let mut layers = vec![b.res(ch, mult * mc, None, vbb.pp("0"))?];
                 ch = mult * mc;
-                if cfg.attention_levels.contains(&level) {
-                    layers.push(transformer(ch, vbb.pp("1"))?);
+                if cfg.has_attention(level, i) {
+                    layers.push(b.attention(ch, Some(level), vbb.pp("1"))?);
                 }
                 input_blocks.push(Block(layers));
                 skip_channels.push(ch);
             }
             if level + 1 != levels {
-                let down = Downsample::new(ch, ch, vin.pp(input_blocks.len()).pp("0"))?;
-                input_blocks.push(Block(vec![Layer::Down(down)]));
+                let down = b.down(ch, vin.pp(input_blocks.len()).pp("0"))?;
+                input_blocks.push(Block(vec![down]));
                 skip_channels.push(ch);
             }
         }
 
         let vmid = vb.pp("middle_block");
         let middle_block = Block(vec![
-            res(ch, ch, vmid.pp("0"))?,
-            transformer(ch, vmid.pp("1"))?,
-            res(ch, ch, vmid.pp("2"))?,
+            b.res(ch, ch, None, vmid.pp("0"))?,
+            b.attention(ch, None, vmid.pp("1"))?,
+            b.res(ch, ch, None, vmid.pp("2"))?,
         ]);
 
         let vout = vb.pp("output_blocks");
@@ -150,13 +231,13 @@ impl Unet {
                 let skip = skip_channels
                     .pop()
                     .expect("invariant: one skip per input block");
-                let mut layers = vec![res(ch + skip, mult * mc, vbb.pp("0"))?];
+                let mut layers = vec![b.res(ch + skip, mult * mc, None, vbb.pp("0"))?];
                 ch = mult * mc;
-                if cfg.attention_levels.contains(&level) {
-                    layers.push(transformer(ch, vbb.pp("1"))?);
+                if cfg.has_attention(level, i) {
+                    layers.push(b.attention(ch, Some(level), vbb.pp("1"))?);
                 }
                 if level > 0 && i == cfg.num_res_blocks {
-                    layers.push(Layer::Up(Upsample::new(ch, ch, vbb.pp(layers.len()))?));
+                    layers.push(b.up(ch, vbb.pp(layers.len()))?);
                 }
                 output_blocks.push(Block(layers));
             }
@@ -165,10 +246,16 @@ impl Unet {
         Ok(Self {
             config: cfg.clone(),
             time_embed,
+            label_emb,
             input_blocks,
             middle_block,
             output_blocks,
-            out_norm: candle_nn::group_norm(groups, ch, RES_GROUP_NORM_EPS, vb.pp("out").pp("0"))?,
+            out_norm: candle_nn::group_norm(
+                cfg.num_groups,
+                ch,
+                RES_GROUP_NORM_EPS,
+                vb.pp("out").pp("0"),
+            )?,
             out_conv: conv3x3(ch, cfg.out_channels, vb.pp("out").pp("2"))?,
         })
     }
@@ -192,9 +279,23 @@ impl Unet {
         self
     }
 
-    /// ε (or v) prediction. `x`: `[B, in_channels, H, W]` with H, W multiples of
-    /// [`UnetConfig::size_multiple`]; `t`: `[B]` or `[1]` timesteps; `context`: `[B, M, context_dim]`.
+    /// ε (or v) prediction of a cross-attention model without class labels (SD1/SD2): see
+    /// [`Unet::forward_with`].
     pub fn forward(&self, x: &Tensor, t: &Tensor, context: &Tensor) -> Result<Tensor> {
+        self.forward_with(x, t, Some(context), None)
+    }
+
+    /// ε (or v) prediction, `UNetModel.forward(x, timesteps, context, y)`. `x`: `[B, in_channels, H, W]` with
+    /// H, W multiples of [`UnetConfig::size_multiple`]; `t`: `[B]` or `[1]` timesteps; `context`:
+    /// `[B, M, context_dim]`, given iff the config has a `context_dim`; `y`: integer class labels `[B]`
+    /// in `0..num_classes`, given iff the config has `num_classes`.
+    pub fn forward_with(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        context: Option<&Tensor>,
+        y: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let b = self.check_inputs(x, t, context)?;
         let t = if t.dim(0)? == b {
             t.clone()
@@ -203,7 +304,20 @@ impl Unet {
         };
         let emb = timestep_embedding(&t, self.config.model_channels, MAX_PERIOD)?; // [B, mc]
         let emb = self.time_embed[0].forward(&emb)?.silu()?;
-        let emb = self.time_embed[1].forward(&emb)?; // [B, 4·mc]
+        let mut emb = self.time_embed[1].forward(&emb)?; // [B, 4·mc]
+        match (&self.label_emb, y) {
+            (Some(label_emb), Some(y)) => {
+                emb = (emb + label_emb.forward(&self.check_labels(y, b)?)?)?;
+            }
+            (None, None) => {}
+            (Some(_), None) => candle_core::bail!(
+                "UNet: this model is class-conditional ({} classes): class labels y are required",
+                self.config.num_classes.unwrap_or(0)
+            ),
+            (None, Some(_)) => {
+                candle_core::bail!("UNet: class labels y given to a model without num_classes")
+            }
+        }
 
         let mut h = x.clone();
         let mut skips = Vec::with_capacity(self.input_blocks.len());
@@ -219,8 +333,31 @@ impl Unet {
         self.out_conv.forward(&self.out_norm.forward(&h)?.silu()?) // [B, out_channels, H, W]
     }
 
+    /// Class labels as U32 `[B]`, each checked to be in `0..num_classes`.
+    fn check_labels(&self, y: &Tensor, b: usize) -> Result<Tensor> {
+        let n = self.config.num_classes.unwrap_or(0);
+        let bad = || {
+            candle_core::Error::Msg(format!(
+                "UNet class labels y have shape {:?} and dtype {:?}; expected integer [{b}] in 0..{n}",
+                y.dims(),
+                y.dtype()
+            ))
+        };
+        if y.dims() != [b] {
+            return Err(bad());
+        }
+        let labels: Vec<i64> = match y.dtype() {
+            DType::U8 | DType::U32 | DType::I64 => y.to_dtype(DType::I64)?.to_vec1()?,
+            _ => return Err(bad()),
+        };
+        if let Some(l) = labels.iter().find(|&&l| l < 0 || l as usize >= n) {
+            candle_core::bail!("UNet class label {l} is outside 0..{n}");
+        }
+        y.to_dtype(DType::U32)
+    }
+
     /// Returns the batch size, or an error naming the mismatching input.
-    fn check_inputs(&self, x: &Tensor, t: &Tensor, context: &Tensor) -> Result<usize> {
+    fn check_inputs(&self, x: &Tensor, t: &Tensor, context: Option<&Tensor>) -> Result<usize> {
         let cfg = &self.config;
         let m = cfg.size_multiple();
         let (b, c, h, w) = x.dims4()?;
@@ -243,13 +380,25 @@ impl Unet {
                 t.dims()
             );
         }
-        let (cb, _, cd) = context.dims3()?;
-        if cb != b || cd != cfg.context_dim {
-            candle_core::bail!(
-                "UNet context has shape {:?}; expected [{b}, M, {}]",
-                context.dims(),
-                cfg.context_dim
-            );
+        match (cfg.context_dim, context) {
+            (Some(dim), Some(context)) => {
+                let (cb, _, cd) = context.dims3()?;
+                if cb != b || cd != dim {
+                    candle_core::bail!(
+                        "UNet context has shape {:?}; expected [{b}, M, {dim}]",
+                        context.dims()
+                    );
+                }
+            }
+            (None, None) => {}
+            (Some(dim), None) => {
+                candle_core::bail!(
+                    "UNet: this model cross-attends a context [{b}, M, {dim}]; none given"
+                )
+            }
+            (None, Some(_)) => {
+                candle_core::bail!("UNet: context given to a model without cross-attention")
+            }
         }
         Ok(b)
     }
