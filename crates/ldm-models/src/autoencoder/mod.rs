@@ -3,6 +3,8 @@
 pub mod blocks;
 pub mod kl;
 pub mod model;
+pub mod tiled;
 
 pub use kl::{AutoencoderKl, AutoencoderKlConfig, DiagonalGaussian};
 pub use model::{DdConfig, Decoder, Encoder};
+pub use tiled::{tiled_decode, tiled_encode, TileConfig, TileConfigError};
