@@ -33,11 +33,13 @@
 //!
 //! **What tiling changes.** The networks are not local: GroupNorm normalises with statistics over the
 //! whole feature map, and the mid-block `AttnBlock` attends over all pixels. A tile sees only its own
-//! statistics and its own pixels, so a tiled result differs from the untiled one where the content is not
-//! stationary. diffusers accepts this (its tiled decode has the same property); so do we. The difference
-//! is small for decode (tested: ≤ 3/255 on a 512² image) and larger for encode, whose input statistics
-//! vary more across an image. Helpers that synchronise GroupNorm statistics across tiles (the A1111
-//! "Tiled VAE" extension) are not implemented.
+//! statistics and its own pixels, so a tiled result differs from the untiled one wherever the content is not
+//! stationary. diffusers' tiled decode has the same property and accepts it. How much it matters depends on
+//! the weights: for the tiny random VAE of fixtures/sd1-tiny (one channel per GroupNorm group) a 512² decode
+//! moves by up to 255/255 (mean 32/255) and an encode by about half the latent range
+//! (tests/tiled_vae.rs, ignored tests). Sharing GroupNorm statistics across tiles (as the A1111 "Tiled VAE"
+//! extension does) would remove most of it; it needs a statistics hook in `Decoder`/`Encoder` and is not
+//! built. Blending itself is exact: tiling a local operation reproduces it (tests/tiled_vae.rs).
 use candle_core::{DType, Result, Tensor};
 
 use super::kl::{AutoencoderKl, DiagonalGaussian};
@@ -89,7 +91,7 @@ impl TileConfig {
         if f == 0 {
             return Err(TileConfigError::ZeroFactor);
         }
-        if tile_px % f != 0 {
+        if !tile_px.is_multiple_of(f) {
             return Err(TileConfigError::PixelsNotMultiple {
                 pixels: tile_px,
                 factor: f,
@@ -142,9 +144,7 @@ fn tile_starts(len: usize, cfg: &TileConfig) -> Vec<usize> {
     }
     let n = (len - cfg.overlap).div_ceil(cfg.stride()); // ≥ 2
     let span = len - cfg.tile;
-    (0..n)
-        .map(|k| (k * span + (n - 1) / 2) / (n - 1))
-        .collect()
+    (0..n).map(|k| (k * span + (n - 1) / 2) / (n - 1)).collect()
 }
 
 /// The tiles along an axis of `len` latent pixels, each with its blend weights at `unit` output positions
@@ -256,10 +256,7 @@ where
                     "{what}: tiles gave {ch} and {yc} channels; the network must be consistent"
                 );
             }
-            let data = y
-                .to_dtype(DType::F32)?
-                .flatten_all()?
-                .to_vec1::<f32>()?;
+            let data = y.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
             drop(y);
             let (y0, x0) = (r.start * out_unit, c.start * out_unit);
             for (plane, src_plane) in data.chunks_exact(th * tw).enumerate() {
@@ -273,7 +270,8 @@ where
             }
         }
     }
-    let (buf, ch, dtype) = acc.expect("invariant: inputs larger than a tile have at least one tile");
+    let (buf, ch, dtype) =
+        acc.expect("invariant: inputs larger than a tile have at least one tile");
     Tensor::from_vec(buf, (b, ch, oh, ow), input.device())?.to_dtype(dtype)
 }
 
@@ -329,10 +327,17 @@ mod tests {
             let s = tile_starts(len, &cfg);
             let t = cfg.tile().min(len);
             assert_eq!(s[0], 0, "len {len}");
-            assert_eq!(s[s.len() - 1] + t, len, "len {len}: last tile ends at the border");
+            assert_eq!(
+                s[s.len() - 1] + t,
+                len,
+                "len {len}: last tile ends at the border"
+            );
             for w in s.windows(2) {
                 assert!(w[1] > w[0], "len {len}: starts {s:?} not increasing");
-                assert!(w[0] + t >= w[1] + cfg.overlap(), "len {len}: overlap below 3 in {s:?}");
+                assert!(
+                    w[0] + t >= w[1] + cfg.overlap(),
+                    "len {len}: overlap below 3 in {s:?}"
+                );
             }
         }
     }
