@@ -9,8 +9,9 @@
 #   LDM_VAE_RSS_WHOLE_2048=1 tools/bench/vae_rss.sh   # also 2048 whole: expect ~20+ GiB RSS (may be OOM-killed)
 #   LDM_BENCH_THREADS=4 tools/bench/vae_rss.sh
 #
-# Expect on 2 shared cores (estimates from the 512² decode of ~110-150 s, docs/PERFORMANCE.md): 1024² whole
-# ~10 min, 1024² tiled (3x3 tiles) ~20 min, 2048² tiled (5x5 tiles) ~55 min.
+# Expect on 2 shared cores (from the measured 512² whole decode: 177 s, peak 1690 MiB with 323 MiB of weights,
+# dev profile, 2026-12-07): 1024² whole ~12-15 min and ~5.8 GiB; 1024² tiled (3x3 tiles of 512 px) ~27 min and
+# ~1.7 GiB; 2048² tiled (5x5 tiles) ~75 min and ~1.75 GiB; 2048² whole ~22 GiB (estimates, not measured).
 # Logs go to ${LDM_BENCH_LOGDIR:-tools/bench/.out}/vae_rss_*.log; the table is printed at the end.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -24,7 +25,7 @@ if [[ -n "${LDM_VAE_WEIGHTS:-}" ]]; then weights=(--weights "$LDM_VAE_WEIGHTS");
 
 echo "== building example vae_decode_rss (profile $profile) ..."
 cargo build -q --profile "$profile" -p ldm-pipeline --example vae_decode_rss
-dir=$([[ "$profile" == dev ]] && echo debug || echo "$profile")
+dir=$([[ "$profile" == dev || "$profile" == test ]] && echo debug || echo "$profile")
 bin="${CARGO_TARGET_DIR:-target}/$dir/examples/vae_decode_rss"
 
 : > "$logdir/vae_rss_results.txt"
