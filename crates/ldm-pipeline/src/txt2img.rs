@@ -10,6 +10,7 @@
 //! 4. x = D(z_0 / scale), mapped from [−1, 1] to [0, 1].
 use candle_core::{DType, Tensor};
 use ldm_core::rng::{NoiseRng, TorchRng};
+use ldm_models::autoencoder::TileConfig;
 use ldm_sampling::{
     denoiser_for, guidance_enabled, prepare, run_latents, Cfg, KnownRegion, NoisePredictor, Plan,
     Step,
@@ -189,9 +190,27 @@ impl Sampling<'_> {
     }
 }
 
-/// Latents in UNet space → images in [0, 1].
+/// How the first stage decodes the final latents.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum DecodeMode {
+    /// The whole latent in one pass (memory grows with the image).
+    #[default]
+    Whole,
+    /// Overlapping tiles blended together (memory bounded by the tile; see `ldm_models::autoencoder::tiled`).
+    Tiled(TileConfig),
+}
+
+/// Latents in UNet space → images in [0, 1], decoded in one pass.
 pub fn decode(models: &SdModels, latents: &Tensor) -> Result<Tensor> {
-    let z = (latents / models.spec.latent_scale)?;
-    let x = models.vae.decode(&z.to_dtype(models.dtype)?)?;
+    decode_with(models, latents, DecodeMode::Whole)
+}
+
+/// Latents in UNet space → images in [0, 1], decoded as `mode` says.
+pub fn decode_with(models: &SdModels, latents: &Tensor, mode: DecodeMode) -> Result<Tensor> {
+    let z = (latents / models.spec.latent_scale)?.to_dtype(models.dtype)?;
+    let x = match mode {
+        DecodeMode::Whole => models.vae.decode(&z)?,
+        DecodeMode::Tiled(cfg) => models.vae.decode_tiled(&z, &cfg)?,
+    };
     Ok(((x.to_dtype(DType::F32)? / 2.0)? + 0.5)?.clamp(0f32, 1f32)?)
 }

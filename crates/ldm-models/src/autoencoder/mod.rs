@@ -7,10 +7,12 @@ pub mod first_stage;
 pub mod kl;
 pub mod model;
 pub mod quantize;
+pub mod tiled;
 pub mod vq;
 
 pub use first_stage::{Encoded, FirstStage};
 pub use kl::{AutoencoderKl, AutoencoderKlConfig, DiagonalGaussian};
 pub use model::{AttnType, DdConfig, Decoder, Encoder};
 pub use quantize::{Quantized, VectorQuantizer};
+pub use tiled::{tiled_decode, tiled_encode, TileConfig, TileConfigError};
 pub use vq::{VqModel, VqModelConfig};

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Peak RSS and wall time of the SD first-stage decode (KL-f8, random weights unless LDM_VAE_WEIGHTS names a
+# single-file checkpoint) at 1024² and 2048², tiled (TileConfig::default(): 64-latent = 512 px tiles, overlap
+# >= 16 latents) and whole. One decode per process (crates/ldm-pipeline/examples/vae_decode_rss.rs), so each
+# VmHWM belongs to one decode.
+#
+#   tools/bench/vae_rss.sh                     # 1024 whole, 1024 tiled, 2048 tiled
+#   LDM_VAE_RSS_SIZES="512 1024" tools/bench/vae_rss.sh
+#   LDM_VAE_RSS_WHOLE_2048=1 tools/bench/vae_rss.sh   # also 2048 whole: expect ~20+ GiB RSS (may be OOM-killed)
+#   LDM_BENCH_THREADS=4 tools/bench/vae_rss.sh
+#
+# Expect on 2 shared cores (from the measured 512² whole decode: 177 s, peak 1690 MiB with 323 MiB of weights,
+# dev profile, 2026-12-07): 1024² whole ~12-15 min and ~5.8 GiB; 1024² tiled (3x3 tiles of 512 px) ~27 min and
+# ~1.7 GiB; 2048² tiled (5x5 tiles) ~75 min and ~1.75 GiB; 2048² whole ~22 GiB (estimates, not measured).
+# Logs go to ${LDM_BENCH_LOGDIR:-tools/bench/.out}/vae_rss_*.log; the table is printed at the end.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+export LDM_BENCH_THREADS="${LDM_BENCH_THREADS:-2}"
+logdir="${LDM_BENCH_LOGDIR:-tools/bench/.out}"
+profile="${LDM_VAE_RSS_PROFILE:-release}"
+sizes="${LDM_VAE_RSS_SIZES:-1024 2048}"
+mkdir -p "$logdir"
+weights=()
+if [[ -n "${LDM_VAE_WEIGHTS:-}" ]]; then weights=(--weights "$LDM_VAE_WEIGHTS"); fi
+
+echo "== building example vae_decode_rss (profile $profile) ..."
+cargo build -q --profile "$profile" -p ldm-pipeline --example vae_decode_rss
+dir=$([[ "$profile" == dev || "$profile" == test ]] && echo debug || echo "$profile")
+bin="${CARGO_TARGET_DIR:-target}/$dir/examples/vae_decode_rss"
+
+: > "$logdir/vae_rss_results.txt"
+run() {  # size mode-args...
+    local size=$1; shift
+    local tag="${size}_${1:-whole}"; tag=${tag//[^A-Za-z0-9_]/}
+    echo "== $size $* (load average: $(cut -d' ' -f1-3 /proc/loadavg))"
+    "$bin" "$size" "$@" "${weights[@]}" 2>&1 | tee "$logdir/vae_rss_$tag.log"
+    grep '^RESULT' "$logdir/vae_rss_$tag.log" >> "$logdir/vae_rss_results.txt" || true
+}
+for s in $sizes; do
+    if [[ "$s" -lt 2048 || -n "${LDM_VAE_RSS_WHOLE_2048:-}" ]]; then run "$s"; fi
+    run "$s" --tiled
+done
+
+awk '/^RESULT/ { for (i = 2; i <= NF; i++) { split($i, kv, "="); f[kv[1]] = kv[2] }
+    printf "%6s %-12s %10s s %10s MiB peak RSS (%s MiB after build)\n", f["size"], f["mode"], f["wall_s"],
+        f["peak_rss_mib"], f["rss_after_build_mib"] }' "$logdir/vae_rss_results.txt"
