@@ -2,7 +2,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use ldm_pipeline::spec::{UNET_PREFIX, VAE_PREFIX};
+use ldm_pipeline::spec::{COND_PREFIX, UNET_PREFIX, VAE_PREFIX};
 use ldm_pipeline::ConfigOverride;
 
 pub fn run(path: &Path, config: Option<&ConfigOverride>) -> anyhow::Result<()> {
@@ -25,11 +25,13 @@ pub fn run(path: &Path, config: Option<&ConfigOverride>) -> anyhow::Result<()> {
         spec.vae_factor(),
         spec.latent_scale
     );
+    println!("condition:   {}", spec.conditioning());
     println!("sizes:       multiples of {} pixels", spec.size_multiple());
+    let cond_prefix = spec.clip().map_or(COND_PREFIX, |(_, _, p)| p);
     let components = [
         ("unet", UNET_PREFIX),
-        ("vae", VAE_PREFIX),
-        ("text encoder", spec.text_prefix.as_str()),
+        ("first stage", VAE_PREFIX),
+        ("cond stage", cond_prefix),
     ];
     let mut other: BTreeMap<String, (usize, usize)> = BTreeMap::new();
     let mut per: Vec<(usize, BTreeMap<String, usize>)> =

@@ -215,6 +215,7 @@ fn tiny_vae() -> Result<AutoencoderKl> {
             z_channels: 4,
             double_z: true,
             num_groups: 32,
+            attn_type: Default::default(),
         },
     };
     let vb = VarBuilder::from_tensors(

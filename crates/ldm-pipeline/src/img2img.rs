@@ -17,6 +17,7 @@
 //! | `noise`    | ε            |
 use candle_core::{Device, Tensor};
 use ldm_core::rng::{NoiseRng, TorchRng};
+use ldm_models::autoencoder::Encoded;
 use ldm_sampling::{add_noise, prepare_img2img, Plan};
 
 use crate::error::{PipelineError, Result};
@@ -56,12 +57,17 @@ pub(crate) fn encode_sample(
     image: &Tensor,
     rng: &mut dyn NoiseRng,
 ) -> Result<Tensor> {
-    let posterior = models
-        .vae
+    let encoded = models
+        .first_stage
         .encode(&image.to_dtype(models.dtype)?)
         .map_err(|e| PipelineError::Model(e.to_string()))?;
-    let eps = randn(rng, posterior.mean.dims(), &models.device)?.to_dtype(models.dtype)?;
-    let z = posterior.sample(&eps)?;
+    let z = match &encoded {
+        Encoded::Posterior(p) => {
+            let eps = randn(rng, p.mean.dims(), &models.device)?.to_dtype(models.dtype)?;
+            encoded.sample(&eps)?
+        }
+        Encoded::Latent(z) => z.clone(),
+    };
     Ok((z.to_dtype(candle_core::DType::F32)? * models.spec.latent_scale)?)
 }
 

@@ -5,15 +5,18 @@ use std::sync::Arc;
 use ldm_core::weights::{SafetensorsFile, WeightStore};
 use ldm_models::autoencoder::{AutoencoderKlConfig, DdConfig};
 use ldm_models::import::{self, Conversion, KeyMap};
-use ldm_models::original_config::OriginalConfig;
+use ldm_models::original_config::OriginalFile;
 use ldm_models::text::{Activation, TextConfig, TextLayout, TextOutput};
-use ldm_models::tokenizer::{ClipTokenizer, Pad};
+use ldm_models::tokenizer::{BertTokenizer, ClipTokenizer, Pad};
 use ldm_models::unet::{HeadSpec, UnetConfig};
 use ldm_sampling::{PredictionType, SchedulerConfig};
 
 use crate::error::{PipelineError, Result};
+use crate::models::Tokenizer;
 use crate::source::{detect_form, CheckpointForm};
-use crate::spec::{detect_family, Family, ModelSpec, CLIP_PREFIX};
+use crate::spec::{
+    detect_family, ConcatSpec, CondSpec, Family, FirstStageSpec, ModelSpec, TextSpec, CLIP_PREFIX,
+};
 
 /// How the user overrides the config: a YAML file or a preset name.
 #[derive(Debug, Clone, PartialEq)]
@@ -48,7 +51,8 @@ pub struct Opened {
     pub form: CheckpointForm,
     pub store: Arc<WeightStore>,
     pub spec: ModelSpec,
-    pub tokenizer: ClipTokenizer,
+    /// The prompt tokenizer, for text-conditioned models.
+    pub tokenizer: Option<Tokenizer>,
     /// Where the spec came from, for `ldm info`.
     pub config_source: String,
 }
@@ -81,22 +85,36 @@ fn finish_single_file(
     config: Option<&ConfigOverride>,
 ) -> Result<Opened> {
     let path = form.path().to_path_buf();
-    let family = detect_family(&store).map_err(|reason| PipelineError::Unsupported {
-        path: path.clone(),
-        reason,
-    })?;
-    let mismatch = |described: Family| PipelineError::Unsupported {
+    let detected = detect_family(&store);
+    let mismatch = |described: Family, found: Family| PipelineError::Unsupported {
         path: path.clone(),
         reason: format!(
             "the config describes {} but the weights are {}",
             described.name(),
-            family.name()
+            found.name()
         ),
     };
     let from_yaml = |y: &Path| -> Result<(ModelSpec, String)> {
-        let cfg = OriginalConfig::load(y)?;
-        if let Some(described) = crate::spec::original_family(&cfg).filter(|f| *f != family) {
-            return Err(mismatch(described));
+        let cfg = match OriginalFile::load(y)? {
+            OriginalFile::Diffusion(cfg) => cfg,
+            OriginalFile::FirstStage(_) => {
+                return Err(PipelineError::Unsupported {
+                    path: y.to_path_buf(),
+                    reason: "this is a first-stage (autoencoder) config, not a diffusion model's"
+                        .into(),
+                })
+            }
+        };
+        let described = crate::spec::original_family(&cfg);
+        match &detected {
+            Ok(found) if *found != described => return Err(mismatch(described, *found)),
+            Err(reason) if described != Family::Ldm && !reason.starts_with("an original") => {
+                return Err(PipelineError::Unsupported {
+                    path: path.clone(),
+                    reason: reason.clone(),
+                })
+            }
+            _ => {}
         }
         Ok((
             ModelSpec::from_original(&cfg, &store, &y.display().to_string())?,
@@ -105,22 +123,32 @@ fn finish_single_file(
     };
     let beside = path.with_extension("yaml");
     let (spec, config_source) = match config {
-        Some(ConfigOverride::Preset(f, _)) if *f != family => return Err(mismatch(*f)),
-        Some(ConfigOverride::Preset(f, prediction)) => {
-            let mut spec = ModelSpec::preset(*f, &store)?;
-            if let Some(p) = prediction {
-                spec.scheduler.prediction_type = *p;
-            }
-            (spec, format!("preset {}", f.name()))
-        }
         Some(ConfigOverride::Yaml(y)) => from_yaml(y)?,
         None if beside.is_file() => from_yaml(&beside)?,
-        None => (
-            ModelSpec::preset(family, &store)?,
-            format!("preset {} (detected)", family.name()),
-        ),
+        _ => {
+            let family = detected.map_err(|reason| PipelineError::Unsupported {
+                path: path.clone(),
+                reason,
+            })?;
+            match config {
+                Some(ConfigOverride::Preset(f, _)) if *f != family => {
+                    return Err(mismatch(*f, family))
+                }
+                Some(ConfigOverride::Preset(f, prediction)) => {
+                    let mut spec = ModelSpec::preset(*f, &store)?;
+                    if let Some(p) = prediction {
+                        spec.scheduler.prediction_type = *p;
+                    }
+                    (spec, format!("preset {}", f.name()))
+                }
+                _ => (
+                    ModelSpec::preset(family, &store)?,
+                    format!("preset {} (detected)", family.name()),
+                ),
+            }
+        }
     };
-    let tokenizer = builtin_tokenizer(family)?;
+    let tokenizer = builtin_tokenizer(&spec)?;
     Ok(Opened {
         form,
         store: Arc::new(store),
@@ -130,17 +158,23 @@ fn finish_single_file(
     })
 }
 
-fn builtin_tokenizer(family: Family) -> Result<ClipTokenizer> {
-    let t = ClipTokenizer::builtin();
-    match family {
-        Family::Sd1 => Ok(t),
-        Family::Sd2 => t
-            .with_padding(Pad::sd2())
-            .map_err(|e| PipelineError::Model(e.to_string())),
-    }
+/// The built-in tokenizer of a text-conditioned model.
+fn builtin_tokenizer(spec: &ModelSpec) -> Result<Option<Tokenizer>> {
+    Ok(match &spec.cond {
+        CondSpec::Text(TextSpec::Clip { layout, .. }) => {
+            let t = ClipTokenizer::builtin();
+            Some(Tokenizer::Clip(match layout {
+                TextLayout::Hf => t,
+                TextLayout::OpenClip => t
+                    .with_padding(Pad::sd2())
+                    .map_err(|e| PipelineError::Model(e.to_string()))?,
+            }))
+        }
+        CondSpec::Text(TextSpec::Bert(_)) => Some(Tokenizer::Bert(BertTokenizer::builtin())),
+        _ => None,
+    })
 }
 
-/// Adds a diffusers component file to `store` under canonical names, lazily (the file stays memory-mapped).
 fn add_mapped(store: &mut WeightStore, path: &Path, map: &KeyMap) -> Result<()> {
     let file = Arc::new(SafetensorsFile::open(path)?);
     let mut unknown = Vec::new();
@@ -271,22 +305,33 @@ fn open_diffusers(dir: &Path, form: CheckpointForm) -> Result<Opened> {
     } else {
         SchedulerConfig::sd_default()
     };
-    let tok_dir = dir.join("tokenizer");
-    let tokenizer = if tok_dir.is_dir() {
-        ClipTokenizer::from_dir_or_builtin(&tok_dir)
-            .map_err(|e| PipelineError::Model(format!("{}: {e}", tok_dir.display())))?
+    let first_stage = FirstStageSpec::Kl(vae);
+    let concat = if unet.in_channels == unet.out_channels + first_stage.latent_channels() + 1 {
+        ConcatSpec::Inpaint
     } else {
-        builtin_tokenizer(family)?
+        ConcatSpec::None
     };
     let spec = ModelSpec {
         family,
         unet,
-        vae,
-        text,
-        text_layout: TextLayout::Hf,
+        first_stage,
+        cond: CondSpec::Text(TextSpec::Clip {
+            config: text,
+            layout: TextLayout::Hf,
+            prefix: CLIP_PREFIX.to_string(),
+        }),
+        concat,
         latent_scale: va.scaling_factor,
         scheduler,
-        text_prefix: CLIP_PREFIX.to_string(),
+    };
+    let tok_dir = dir.join("tokenizer");
+    let tokenizer = if tok_dir.is_dir() {
+        Some(Tokenizer::Clip(
+            ClipTokenizer::from_dir_or_builtin(&tok_dir)
+                .map_err(|e| PipelineError::Model(format!("{}: {e}", tok_dir.display())))?,
+        ))
+    } else {
+        builtin_tokenizer(&spec)?
     };
     Ok(Opened {
         form,

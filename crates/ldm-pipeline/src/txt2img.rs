@@ -209,8 +209,11 @@ pub fn decode(models: &SdModels, latents: &Tensor) -> Result<Tensor> {
 pub fn decode_with(models: &SdModels, latents: &Tensor, mode: DecodeMode) -> Result<Tensor> {
     let z = (latents / models.spec.latent_scale)?.to_dtype(models.dtype)?;
     let x = match mode {
-        DecodeMode::Whole => models.vae.decode(&z)?,
-        DecodeMode::Tiled(cfg) => models.vae.decode_tiled(&z, &cfg)?,
+        DecodeMode::Whole => models.first_stage.decode(&z)?,
+        DecodeMode::Tiled(cfg) => {
+            let f = models.spec.vae_factor();
+            ldm_models::autoencoder::tiled_decode(&z, f, &cfg, |t| models.first_stage.decode(t))?
+        }
     };
     Ok(((x.to_dtype(DType::F32)? / 2.0)? + 0.5)?.clamp(0f32, 1f32)?)
 }

@@ -43,6 +43,12 @@ pub struct BertEmbedder {
     /// Tokenise text with the BERT tokenizer (default true); false: the input is already token ids
     /// (layout-to-image: quantised box coordinates).
     pub use_tokenizer: bool,
+    /// ldm-rs extension for layout models: the number of object classes of the layout tokeniser, which the
+    /// original keeps in its data config (`no_object_classes`).
+    pub no_object_classes: Option<usize>,
+    /// ldm-rs extension for layout models: taming's `use_additional_parameters` (group/occluded/depiction/inside
+    /// flags folded into the class token).
+    pub use_additional_parameters: Option<bool>,
 }
 
 /// `TransformerEmbedder`: the same encoder over token ids, without a tokenizer.
@@ -187,6 +193,11 @@ pub(crate) fn parse(
             vocab_size: p.usize_or("vocab_size", 30522)?,
             max_seq_len: p.usize_or("max_seq_len", 77)?,
             use_tokenizer: p.bool_or("use_tokenizer", true)?,
+            no_object_classes: p.opt_usize("no_object_classes")?,
+            use_additional_parameters: match p.get("use_additional_parameters") {
+                Some(_) => Some(p.bool_or("use_additional_parameters", true)?),
+                None => None,
+            },
         })),
         Target::TransformerEmbedder => {
             OriginalCondStage::Text(OriginalTextEncoder::Transformer(TransformerEmbedder {
