@@ -116,7 +116,8 @@ pub fn img2img(
         plan: &plan,
         models,
         req: r,
-        context,
+        context: Some(context),
+        y: None,
         extra: None,
     };
     let latents = sampler.run(latents, &mut rng, None, progress)?;

@@ -134,7 +134,8 @@ pub fn inpaint(
         plan: &plan,
         models,
         req: r,
-        context: context.clone(),
+        context: Some(context.clone()),
+        y: None,
         extra,
     };
     let latents = if nine {

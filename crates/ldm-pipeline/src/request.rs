@@ -80,7 +80,7 @@ impl GenerateRequest {
     }
 
     /// Every check but the model's kind.
-    fn check(&self, spec: &ModelSpec, random_seed: u64) -> Result<ValidRequest> {
+    pub(crate) fn check(&self, spec: &ModelSpec, random_seed: u64) -> Result<ValidRequest> {
         let sampler: SamplerKind = self.sampler.parse().map_err(|_| {
             PipelineError::invalid(
                 "sampler",

@@ -20,13 +20,16 @@ use crate::error::{PipelineError, Result};
 use crate::models::SdModels;
 use crate::request::ValidRequest;
 
-/// The UNet with a fixed context, as the sampler sees it.
+/// The UNet with fixed conditioning, as the sampler sees it. Every tensor has the batch B' the sampler passes
+/// (doubled under guidance: [unconditional; conditional]).
 pub(crate) struct UnetPredictor<'a> {
     pub models: &'a SdModels,
-    /// [B', L, D], B' equal to the batch the sampler passes.
-    pub context: Tensor,
-    /// Channels concatenated after the (scaled) latent input, [B', C', H, W]: a 9-channel inpainting UNet's
-    /// mask and masked-image latents.
+    /// Cross-attention context [B', L, D] (text, class or layout tokens).
+    pub context: Option<Tensor>,
+    /// Class labels [B'] (u32) for UNets with `num_classes` (the x4 upscaler's noise level).
+    pub y: Option<Tensor>,
+    /// Channels concatenated after the (scaled) latent input, [B', C', H, W]: an inpainting UNet's mask and
+    /// masked-image latents, a super-resolution model's low-res image, a semantic map.
     pub extra: Option<Tensor>,
 }
 
@@ -35,10 +38,13 @@ impl NoisePredictor for UnetPredictor<'_> {
         let b = x_in.dim(0)?;
         let t = Tensor::full(t as f32, b, x_in.device())?;
         let x_in = match &self.extra {
-            Some(extra) => Tensor::cat(&[x_in, extra], 1)?,
+            Some(extra) => Tensor::cat(&[x_in, &extra.to_dtype(x_in.dtype())?], 1)?,
             None => x_in.clone(),
         };
-        Ok(self.models.unet.forward(&x_in, &t, &self.context)?)
+        Ok(self
+            .models
+            .unet
+            .forward_with(&x_in, &t, self.context.as_ref(), self.y.as_ref())?)
     }
 }
 
@@ -114,7 +120,8 @@ pub fn txt2img(models: &SdModels, req: &ValidRequest, progress: Progress<'_>) ->
         plan: &plan,
         models,
         req,
-        context,
+        context: Some(context),
+        y: None,
         extra: None,
     };
     let latents = sampler.run(latents, &mut rng, None, progress)?;
@@ -144,7 +151,8 @@ pub(crate) struct Sampling<'a> {
     pub plan: &'a Plan,
     pub models: &'a SdModels,
     pub req: &'a ValidRequest,
-    pub context: Tensor,
+    pub context: Option<Tensor>,
+    pub y: Option<Tensor>,
     pub extra: Option<Tensor>,
 }
 
@@ -160,6 +168,7 @@ impl Sampling<'_> {
         let unet = UnetPredictor {
             models: self.models,
             context: self.context,
+            y: self.y,
             extra: self.extra,
         };
         let denoiser = if guidance_enabled(self.req.cfg_scale) {
