@@ -7,6 +7,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use ldm_pipeline::{ConfigOverride, GenerateRequest, PipelineError};
 
+mod conditioned;
 mod img2img;
 mod info;
 mod inpaint;
@@ -32,6 +33,14 @@ enum Command {
     /// Repaint the white part of a mask (`--image FILE --mask FILE`), or outpaint (`--pad L,T,R,B`); with an
     /// inpainting model or a plain one.
     Inpaint(Box<inpaint::InpaintArgs>),
+    /// Sample an unconditional or class-conditional LDM (`--class N`).
+    Sample(Box<conditioned::SampleCmd>),
+    /// Layout-to-image: `--boxes FILE.json` of `{"class", "box": [x0, y0, x1, y1]}` objects.
+    Layout2img(Box<conditioned::Layout2imgCmd>),
+    /// Semantic synthesis from a map of class indices: `--map FILE.png`.
+    Semantic2img(Box<conditioned::Semantic2imgCmd>),
+    /// Super-resolution: LDM-SR or the SD x4 upscaler (`--image FILE`, optional prompt and --noise-level).
+    Upscale(Box<conditioned::UpscaleCmd>),
     /// Describe a checkpoint: form, family, prediction type, dtypes, parameters per component.
     Info {
         /// A .safetensors / .ckpt file or a diffusers folder.
@@ -104,6 +113,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Info { path, config } => info::run(&path, config_override(&config).as_ref()),
         Command::Img2img(a) => img2img::run(*a),
+        Command::Sample(a) => conditioned::run_sample(*a),
+        Command::Layout2img(a) => conditioned::run_layout(*a),
+        Command::Semantic2img(a) => conditioned::run_semantic(*a),
+        Command::Upscale(a) => conditioned::run_upscale(*a),
         Command::Inpaint(a) => inpaint::run(*a),
         Command::Txt2img(a) => {
             let prompt = a
