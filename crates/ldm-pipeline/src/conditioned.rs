@@ -15,7 +15,7 @@
 //! (cin256-v2: class 1000), layout models (the empty layout), text models (the negative prompt). Unconditional,
 //! semantic and LDM-SR models have no unconditional input, so a guidance scale > 1 is refused for them.
 use candle_core::{DType, Tensor};
-use ldm_core::rng::TorchRng;
+use ldm_core::rng::{NoiseRng, TorchRng};
 use ldm_models::cond::{LayoutObject, SemanticMap};
 use ldm_sampling::{guidance_enabled, prepare, SamplerKind, Schedule};
 
@@ -88,11 +88,24 @@ fn per_image<T: Clone>(items: &[T], b: usize, field: &'static str) -> Result<Vec
     }
 }
 
-/// Samples `req.batch` images from `models` under `cond`; `progress` is called after every model evaluation.
+/// Samples `req.batch` images from `models` under `cond`, all noise from the seed's generator; `progress` is
+/// called after every model evaluation.
 pub fn sample(
     models: &SdModels,
     req: &ValidRequest,
     cond: &Condition,
+    progress: Progress<'_>,
+) -> Result<Generated> {
+    sample_with_rng(models, req, cond, &mut TorchRng::new(req.seed), progress)
+}
+
+/// [`sample`] drawing every noise (augmentation, z_T unless given as a file, step noise) from `rng` in that
+/// order.
+pub fn sample_with_rng(
+    models: &SdModels,
+    req: &ValidRequest,
+    cond: &Condition,
+    rng: &mut dyn NoiseRng,
     progress: Progress<'_>,
 ) -> Result<Generated> {
     let spec = &models.spec;
@@ -112,7 +125,6 @@ pub fn sample(
     };
     let plan = prepare(req.sampler, &spec.scheduler, req.steps, req.karras, req.eta)
         .map_err(|e| PipelineError::invalid("sampler", e.to_string()))?;
-    let mut rng = TorchRng::new(req.seed);
 
     // The concatenated channels come first: the x4 upscaler draws its augmentation noise before z_T.
     let fits = match (&spec.concat, cond) {
@@ -160,7 +172,7 @@ pub fn sample(
                     let schedule = Schedule::from_config(&aug.schedule, SamplerKind::Ddpm)
                         .map_err(|e| PipelineError::Model(e.to_string()))?;
                     let ab = schedule.alpha_bar(*noise_level) as f32;
-                    let noise = randn(&mut rng, image.dims(), dev)?;
+                    let noise = randn(rng, image.dims(), dev)?;
                     let noised = ((image * f64::from(ab.sqrt()))?
                         + (noise * f64::from((1.0 - ab).sqrt()))?)?;
                     let n = if guidance { 2 * b } else { b };
@@ -214,7 +226,7 @@ pub fn sample(
         _ => (None, None),
     };
 
-    let noise = initial_noise(models, req, &mut rng)?;
+    let noise = initial_noise(models, req, rng)?;
 
     let context = match (&models.cond, cond) {
         (
@@ -284,7 +296,7 @@ pub fn sample(
         y,
         extra,
     };
-    let latents = sampler.run(latents, &mut rng, None, progress)?;
+    let latents = sampler.run(latents, rng, None, progress)?;
     let images = decode(models, &latents)?;
     Ok(Generated { latents, images })
 }

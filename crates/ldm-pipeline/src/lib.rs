@@ -14,7 +14,7 @@ pub mod source;
 pub mod spec;
 pub mod txt2img;
 
-pub use conditioned::{sample, Condition};
+pub use conditioned::{sample, sample_with_rng, Condition};
 pub use error::{PipelineError, Result};
 pub use load::{open, ConfigOverride, Opened};
 pub use models::SdModels;

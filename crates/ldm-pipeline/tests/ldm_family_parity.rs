@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use ldm_models::cond::{LayoutObject, SemanticMap};
-use ldm_pipeline::{open, sample, Condition, GenerateRequest, SdModels};
+use ldm_pipeline::{open, sample, sample_with_rng, Condition, GenerateRequest, SdModels};
 use serde_json::Value;
 
 type R<T = ()> = Result<T, Box<dyn std::error::Error>>;
@@ -58,6 +58,21 @@ fn rel_ratio(a: &Tensor, b: &Tensor) -> R<f32> {
         .fold(0f32, f32::max))
 }
 
+/// Gives back stored normal draws in order.
+struct Replay(std::vec::IntoIter<f32>);
+
+impl ldm_core::rng::NoiseRng for Replay {
+    fn randn(&mut self, n: usize) -> Vec<f32> {
+        let out: Vec<f32> = self.0.by_ref().take(n).collect();
+        assert_eq!(
+            out.len(),
+            n,
+            "the reference holds fewer draws than the run asks for"
+        );
+        out
+    }
+}
+
 fn request(c: &Value, noise: Option<PathBuf>) -> R<GenerateRequest> {
     Ok(GenerateRequest {
         prompt: String::new(),
@@ -92,7 +107,23 @@ fn check_case(
         None
     };
     let req = request(c, noise)?.validate(&models.spec, 0)?;
-    let out = sample(models, &req, &cond, &mut |_, _| {})?;
+    let out = match refs.get(&format!("{name}.step_noise")) {
+        // A reference whose step noise came from another generator: replay the stored draws.
+        Some(steps) => {
+            let mut draws: Vec<f32> = Vec::new();
+            if !fixed_noise {
+                draws.extend(
+                    refs[&format!("{name}.noise")]
+                        .flatten_all()?
+                        .to_vec1::<f32>()?,
+                );
+            }
+            draws.extend(steps.flatten_all()?.to_vec1::<f32>()?);
+            let mut rng = Replay(draws.into_iter());
+            sample_with_rng(models, &req, &cond, &mut rng, &mut |_, _| {})?
+        }
+        None => sample(models, &req, &cond, &mut |_, _| {})?,
+    };
     let lat = rel_ratio(&out.latents, &refs[&format!("{name}.latents")])?;
     let img = max_abs(&out.images, &refs[&format!("{name}.image")])? * 255.0;
     eprintln!("{name}: latents {lat:.3}× tolerance, image max abs {img:.4}/255");
@@ -157,10 +188,7 @@ fn unconditional_matches_diffusers_ldm_pipeline_single_file() -> R {
     let mut n = 0;
     for c in &cases {
         // With η > 0 diffusers' LDMPipeline draws the step noise from torch's global generator, not the
-        // pipeline's: those cases are for a replaying generator, not for `sample`.
-        if c["eta"].as_f64() != Some(0.0) {
-            continue;
-        }
+        // pipeline's: those cases replay the stored step noise.
         let fixed = c["fixed_noise"].as_bool() == Some(true);
         let mut c = c.clone();
         c["sampler"] = "ddim".into();
@@ -168,7 +196,7 @@ fn unconditional_matches_diffusers_ldm_pipeline_single_file() -> R {
         check_case(&models, &refs, &c, Condition::None, fixed)?;
         n += 1;
     }
-    assert_eq!(n, 2);
+    assert_eq!(n, 4);
     Ok(())
 }
 
