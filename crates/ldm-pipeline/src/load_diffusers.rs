@@ -685,13 +685,7 @@ pub fn add_component(
             .diffusers_keys(canonical)
             .iter()
             .filter_map(|d| map.entry(d))
-            .map(|e| {
-                (
-                    e.diffusers.clone(),
-                    e.conversion.clone(),
-                    e.canonical_shape.clone(),
-                )
-            })
+            .map(|e| (e.diffusers.clone(), e.conversion, e.canonical_shape.clone()))
             .collect();
         parts.sort_by_key(|(_, c, _)| c.block().map(|b| b.0));
         let tensors = parts

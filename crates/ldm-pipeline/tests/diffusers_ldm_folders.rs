@@ -276,11 +276,10 @@ fn ldm_text_to_image_folder() -> R {
             .iter()
             .filter_map(|p| p.as_str())
             .collect();
-        let ids: Vec<u32> = prompts
-            .iter()
-            .map(|p| m.token_ids(p))
-            .collect::<Result<Vec<_>, _>>()?
-            .concat();
+        let mut ids: Vec<u32> = Vec::new();
+        for p in &prompts {
+            ids.extend(m.token_ids(p)?);
+        }
         let want_ids: Vec<i64> = get(&r, &format!("txt2img.{name}.ids"))?
             .flatten_all()?
             .to_vec1()?;
@@ -386,7 +385,11 @@ fn sd_upscale_folder() -> R {
 }
 
 fn err_of(path: &Path) -> String {
-    match open(path, None).and_then(|o| SdModels::build(o, &Device::Cpu)) {
+    let opened = match open(path, None) {
+        Ok(o) => o,
+        Err(e) => return e.to_string(),
+    };
+    match SdModels::build(opened, &Device::Cpu) {
         Ok(_) => panic!("{} opened", path.display()),
         Err(e) => e.to_string(),
     }
