@@ -7,17 +7,22 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
+use ldm_core::rng::NoiseRng;
 use ldm_pipeline::load_diffusers::add_component;
 use ldm_pipeline::models::{CondModel, Tokenizer};
 use ldm_pipeline::spec::{
     ignorable_single_file_key, ConcatSpec, CondSpec, Family, FirstStageSpec, TextSpec,
 };
 use ldm_pipeline::{open, SdModels};
-use ldm_sampling::PredictionType;
+use ldm_sampling::{
+    denoiser_for, guidance_enabled, prepare, run, Cfg, NoisePredictor, PredictionType, SamplerKind,
+};
 
 type R<T = ()> = Result<T, Box<dyn std::error::Error>>;
 
 const IMAGE_TOL: f32 = 2.0 / 255.0;
+/// Final latents: |x−y| ≤ max(1e-3·|x+y|, 1e-3).
+const LATENT_TOL: f32 = 1e-3;
 
 fn fixture(p: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -69,6 +74,106 @@ fn decode_image(m: &SdModels, latents: &Tensor) -> R<Tensor> {
     let z = (latents / m.spec.latent_scale)?;
     let x = m.first_stage.decode(&z)?;
     Ok(((x / 2.0)? + 0.5)?.clamp(0f32, 1f32)?)
+}
+
+/// The folder's UNet as the sampler sees it: the low-res image (if any) concatenated after the latent, a fixed
+/// context and class labels (all of the batch the sampler passes).
+struct Predictor<'a> {
+    m: &'a SdModels,
+    context: Option<Tensor>,
+    concat: Option<Tensor>,
+    labels: Option<Tensor>,
+}
+
+impl NoisePredictor for Predictor<'_> {
+    fn predict(&self, x_in: &Tensor, t: f64) -> ldm_sampling::Result<Tensor> {
+        let t = Tensor::full(t as f32, x_in.dim(0)?, x_in.device())?;
+        let x = match &self.concat {
+            Some(c) => Tensor::cat(&[x_in, c], 1)?,
+            None => x_in.clone(),
+        };
+        Ok(self
+            .m
+            .unet
+            .forward_with(&x, &t, self.context.as_ref(), self.labels.as_ref())?)
+    }
+}
+
+/// Replays the fixture's recorded DDIM step noise (diffusers draws it from torch's global RNG), in order.
+struct Replay {
+    data: Vec<f32>,
+    pos: usize,
+}
+
+impl NoiseRng for Replay {
+    fn randn(&mut self, n: usize) -> Vec<f32> {
+        let end = (self.pos + n).min(self.data.len());
+        let mut out = self.data[self.pos..end].to_vec();
+        assert_eq!(
+            out.len(),
+            n,
+            "the sampler drew more step noise than recorded"
+        );
+        self.pos = end;
+        out.shrink_to_fit();
+        out
+    }
+}
+
+/// One DDIM run (eta from the case) from the recorded noise, with CFG when `guidance > 1` (`predictor`'s tensors
+/// then hold the doubled batch, unconditional first). Returns the final latents.
+fn sample(
+    m: &SdModels,
+    predictor: Predictor<'_>,
+    guidance: f64,
+    steps: usize,
+    eta: f64,
+    noise: &Tensor,
+    step_noise: Option<&Tensor>,
+) -> R<Tensor> {
+    let plan = prepare(SamplerKind::Ddim, &m.spec.scheduler, steps, false, eta)?;
+    let denoiser = if guidance_enabled(guidance) {
+        denoiser_for(
+            m.spec.prediction(),
+            Cfg {
+                inner: predictor,
+                scale: guidance,
+            },
+        )
+    } else {
+        denoiser_for(m.spec.prediction(), predictor)
+    };
+    let data = match step_noise {
+        Some(t) => t.flatten_all()?.to_vec1::<f32>()?,
+        None => Vec::new(),
+    };
+    let mut rng = Replay { data, pos: 0 };
+    Ok(run(&plan, &*denoiser, noise, &mut rng, &mut |_| {})?)
+}
+
+/// Sampled latents against the reference, then their decoded images against the reference images.
+fn check_sampled(
+    m: &SdModels,
+    what: &str,
+    latents: &Tensor,
+    r: &HashMap<String, Tensor>,
+    name: &str,
+) -> R {
+    assert_close(
+        &format!("{what} sampled latents"),
+        latents,
+        get(r, &format!("{name}.latents"))?,
+        LATENT_TOL,
+        LATENT_TOL,
+    )?;
+    assert_close(
+        &format!("{what} image from sampled latents"),
+        &decode_image(m, latents)?,
+        get(r, &format!("{name}.image"))?,
+        0.0,
+        IMAGE_TOL,
+    )?;
+    Ok(())
 }
 
 fn check_decodes(m: &SdModels, r: &HashMap<String, Tensor>, cases: &[String]) -> R {
@@ -153,7 +258,34 @@ fn ldm_uncond_folder() -> R {
     .iter()
     .map(|c| format!("ldm.{c}"))
     .collect();
-    check_decodes(&m, &r, &cases)
+    check_decodes(&m, &r, &cases)?;
+
+    // The whole LDMPipeline loop from the recorded noises.
+    let cases: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture(
+        "ldm-uncond-tiny/cases.json",
+    ))?)?;
+    for c in cases["cases"].as_array().ok_or("no cases")? {
+        let name = format!("ldm.{}", c["name"].as_str().ok_or("no name")?);
+        let steps = c["steps"].as_u64().ok_or("no steps")? as usize;
+        let eta = c["eta"].as_f64().ok_or("no eta")?;
+        let predictor = Predictor {
+            m: &m,
+            context: None,
+            concat: None,
+            labels: None,
+        };
+        let latents = sample(
+            &m,
+            predictor,
+            1.0,
+            steps,
+            eta,
+            get(&r, &format!("{name}.noise"))?,
+            r.get(&format!("{name}.step_noise")),
+        )?;
+        check_sampled(&m, &name, &latents, &r, &name)?;
+    }
+    Ok(())
 }
 
 /// The folder and the original single file (model.safetensors + model.yaml) hold the same model: the same
@@ -236,7 +368,33 @@ fn ldm_super_resolution_folder() -> R {
 
     let m = SdModels::build(opened, &Device::Cpu)?;
     let r = refs("ldm-sr-tiny")?;
-    check_decodes(&m, &r, &["ddim-eta0".into(), "ddim-eta1-b2".into()])
+    check_decodes(&m, &r, &["ddim-eta0".into(), "ddim-eta1-b2".into()])?;
+
+    // The whole LDMSuperResolutionPipeline loop: the low-res image concatenated after the latent.
+    let cases: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("ldm-sr-tiny/cases.json"))?)?;
+    for c in cases["upscale"].as_array().ok_or("no cases")? {
+        let name = c["name"].as_str().ok_or("no name")?;
+        let steps = c["steps"].as_u64().ok_or("no steps")? as usize;
+        let eta = c["eta"].as_f64().ok_or("no eta")?;
+        let predictor = Predictor {
+            m: &m,
+            context: None,
+            concat: Some(get(&r, &format!("{name}.lowres"))?.clone()),
+            labels: None,
+        };
+        let latents = sample(
+            &m,
+            predictor,
+            1.0,
+            steps,
+            eta,
+            get(&r, &format!("{name}.noise"))?,
+            r.get(&format!("{name}.step_noise")),
+        )?;
+        check_sampled(&m, &format!("sr {name}"), &latents, &r, name)?;
+    }
+    Ok(())
 }
 
 #[test]
@@ -297,6 +455,32 @@ fn ldm_text_to_image_folder() -> R {
             1e-5,
         )?;
         names.push(format!("txt2img.{name}"));
+
+        // The whole LDMTextToImagePipeline loop (CFG batch: empty prompt first).
+        let g = c["guidance_scale"].as_f64().ok_or("no guidance")?;
+        let context = if guidance_enabled(g) {
+            let uncond = m.encode_prompts(&vec![""; prompts.len()])?;
+            Tensor::cat(&[&uncond, &context], 0)?
+        } else {
+            context
+        };
+        let predictor = Predictor {
+            m: &m,
+            context: Some(context),
+            concat: None,
+            labels: None,
+        };
+        let key = format!("txt2img.{name}");
+        let latents = sample(
+            &m,
+            predictor,
+            g,
+            c["steps"].as_u64().ok_or("no steps")? as usize,
+            c["eta"].as_f64().ok_or("no eta")?,
+            get(&r, &format!("{key}.noise"))?,
+            r.get(&format!("{key}.step_noise")),
+        )?;
+        check_sampled(&m, &key, &latents, &r, &key)?;
     }
     let uncond = m.encode_prompts(&[""])?;
     assert_close(
@@ -380,6 +564,30 @@ fn sd_upscale_folder() -> R {
             1e-5,
         )?;
         names.push(name.to_string());
+
+        // The whole StableDiffusionUpscalePipeline loop from the recorded noised low-res image: concatenated
+        // after the latent, the noise level as the class label, v-prediction, CFG batch uncond first.
+        let lowres = get(&r, &format!("{name}.lowres_noised"))?;
+        let copies = prompts.len();
+        let concat = Tensor::cat(&vec![lowres; copies], 0)?;
+        let level = c["noise_level"].as_i64().ok_or("no noise_level")?;
+        let labels = Tensor::new(vec![level; copies * lowres.dim(0)?], &Device::Cpu)?;
+        let predictor = Predictor {
+            m: &m,
+            context: Some(context),
+            concat: Some(concat),
+            labels: Some(labels),
+        };
+        let latents = sample(
+            &m,
+            predictor,
+            g,
+            c["steps"].as_u64().ok_or("no steps")? as usize,
+            c["eta"].as_f64().ok_or("no eta")?,
+            get(&r, &format!("{name}.noise"))?,
+            None,
+        )?;
+        check_sampled(&m, &format!("x4 {name}"), &latents, &r, name)?;
     }
     check_decodes(&m, &r, &names)
 }
