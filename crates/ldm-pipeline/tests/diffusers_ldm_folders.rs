@@ -609,6 +609,17 @@ fn assert_mentions(msg: &str, needles: &[&str]) {
     }
 }
 
+/// StableDiffusion folders still take the StableDiffusion path.
+#[test]
+fn stable_diffusion_folder_is_unchanged() -> R {
+    let opened = open(&fixture("sd1-tiny/diffusers"), None)?;
+    assert_eq!(opened.spec.family, Family::Sd1);
+    assert!(opened.spec.clip().is_some());
+    assert_eq!(opened.spec.concat, ConcatSpec::None);
+    assert!(!opened.config_source.contains("Pipeline)"));
+    Ok(())
+}
+
 #[test]
 fn x4_without_text_encoder_is_refused() -> R {
     let msg = err_of(&fixture("sd-x4-tiny/diffusers"));
