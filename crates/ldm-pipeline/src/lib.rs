@@ -7,6 +7,7 @@ pub mod infotext;
 pub mod init_image;
 pub mod inpaint;
 pub mod load;
+pub mod load_diffusers;
 pub mod mask;
 pub mod models;
 pub mod request;

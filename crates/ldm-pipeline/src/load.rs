@@ -61,7 +61,12 @@ pub struct Opened {
 pub fn open(path: &Path, config: Option<&ConfigOverride>) -> Result<Opened> {
     let form = detect_form(path)?;
     match &form {
-        CheckpointForm::Diffusers(dir) => open_diffusers(dir, form.clone()),
+        CheckpointForm::Diffusers(dir) => {
+            match crate::load_diffusers::open_pipeline_folder(dir, &form)? {
+                Some(opened) => Ok(opened),
+                None => open_diffusers(dir, form.clone()),
+            }
+        }
         CheckpointForm::Safetensors(p) => {
             let file = Arc::new(SafetensorsFile::open(p)?);
             let mut store = WeightStore::new(p.display().to_string());
