@@ -37,8 +37,8 @@ pub enum Condition {
     Layout(Vec<Vec<LayoutObject>>),
     /// Semantic maps (class index per pixel) at the output size: one per image, or one for the whole batch.
     Semantic(Vec<SemanticMap>),
-    /// A low-resolution image [1, 3, h, w] in [−1, 1] at the latent's size; `noise_level` is used by
-    /// noise-augmented upscalers (SD x4) and must be 0 for the others.
+    /// Low-resolution images [1 or B, 3, h, w] in [−1, 1] at the latent's size (one for the batch, or one per
+    /// image); `noise_level` is used by noise-augmented upscalers (SD x4) and must be 0 for the others.
     LowRes { image: Tensor, noise_level: usize },
 }
 
@@ -145,15 +145,17 @@ pub fn sample_with_rng(
         }
         (ConcatSpec::LowRes { noise_aug }, Condition::LowRes { image, noise_level }) => {
             let f = spec.vae_factor();
-            let want = [1, 3, req.height / f, req.width / f];
-            if image.dims() != want {
+            let want = [image.dim(0)?, 3, req.height / f, req.width / f];
+            if image.dims() != want || (want[0] != 1 && want[0] != b) {
                 return Err(PipelineError::invalid(
                     "image",
                     format!(
-                        "the low-res image is {:?}; an output of {}×{} needs {want:?}",
+                        "the low-res image is {:?}; an output of {}×{} needs [1 or {b}, 3, {}, {}]",
                         image.dims(),
                         req.width,
-                        req.height
+                        req.height,
+                        req.height / f,
+                        req.width / f
                     ),
                 ));
             }
@@ -190,8 +192,17 @@ pub fn sample_with_rng(
                     (image, None)
                 }
             };
-            let n = if guidance { 2 * b } else { b };
-            (Some(image.repeat((n, 1, 1, 1))?), y)
+            let image = if image.dim(0)? == b {
+                image
+            } else {
+                image.repeat((b, 1, 1, 1))?
+            };
+            let image = if guidance {
+                Tensor::cat(&[&image, &image], 0)?
+            } else {
+                image
+            };
+            (Some(image), y)
         }
         (ConcatSpec::Semantic(_), Condition::Semantic(maps)) => {
             no_guidance(models, req, "no unconditional input")?;

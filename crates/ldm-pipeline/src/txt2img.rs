@@ -98,10 +98,30 @@ pub fn initial_noise(
 
 /// Runs txt2img for `req`; `progress` is called after every model evaluation.
 pub fn txt2img(models: &SdModels, req: &ValidRequest, progress: Progress<'_>) -> Result<Generated> {
+    txt2img_with_rng(models, req, &mut TorchRng::new(req.seed), progress)
+}
+
+/// [`txt2img`] drawing the initial noise (unless given as a file) and then the step noise from `rng`.
+pub fn txt2img_with_rng(
+    models: &SdModels,
+    req: &ValidRequest,
+    rng: &mut dyn NoiseRng,
+    progress: Progress<'_>,
+) -> Result<Generated> {
     if models.spec.is_inpainting() {
         return Err(PipelineError::invalid(
             "model",
             "txt2img needs a plain (4-channel) model, not an inpainting one",
+        ));
+    }
+    if !matches!(models.spec.concat, crate::spec::ConcatSpec::None) || !models.spec.takes_prompt() {
+        return Err(PipelineError::invalid(
+            "model",
+            format!(
+                "txt2img needs a text-to-image model; this one ({}) is conditioned on {}",
+                models.spec.describe(),
+                models.spec.conditioning()
+            ),
         ));
     }
     let plan = prepare(
@@ -112,8 +132,7 @@ pub fn txt2img(models: &SdModels, req: &ValidRequest, progress: Progress<'_>) ->
         req.eta,
     )
     .map_err(|e| PipelineError::invalid("sampler", e.to_string()))?;
-    let mut rng = TorchRng::new(req.seed);
-    let noise = initial_noise(models, req, &mut rng)?;
+    let noise = initial_noise(models, req, rng)?;
     let context = prompt_context(models, req)?;
     let latents = (noise * plan.init_noise_sigma)?;
     let sampler = Sampling {
@@ -124,7 +143,7 @@ pub fn txt2img(models: &SdModels, req: &ValidRequest, progress: Progress<'_>) ->
         y: None,
         extra: None,
     };
-    let latents = sampler.run(latents, &mut rng, None, progress)?;
+    let latents = sampler.run(latents, rng, None, progress)?;
     let images = decode(models, &latents)?;
     Ok(Generated { latents, images })
 }

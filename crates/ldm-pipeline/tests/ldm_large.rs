@@ -41,35 +41,59 @@ fn upsample2(map: &SemanticMap) -> R<SemanticMap> {
 
 #[test]
 fn semantic_synthesis_at_twice_the_training_size_is_deterministic() -> R {
-    let models = SdModels::build(open(&fixture("ldm-semantic-tiny/model.safetensors"), None)?, &Device::Cpu)?;
+    let models = SdModels::build(
+        open(&fixture("ldm-semantic-tiny/model.safetensors"), None)?,
+        &Device::Cpu,
+    )?;
     let map = SemanticMap::load(&fixture("ldm-semantic-tiny/map0.png"))?;
     let big = upsample2(&map)?;
     let run = |side: usize, m: &SemanticMap| -> R<ldm_pipeline::txt2img::Generated> {
         let req = request(side, 3).validate(&models.spec, 0)?;
-        Ok(sample(&models, &req, &Condition::Semantic(vec![m.clone()]), &mut |_, _| {})?)
+        Ok(sample(
+            &models,
+            &req,
+            &Condition::Semantic(vec![m.clone()]),
+            &mut |_, _| {},
+        )?)
     };
     let a = run(64, &big)?;
     let b = run(64, &big)?;
     assert_eq!(a.images.dims(), &[1, 3, 64, 64]);
     assert_eq!(a.latents.dims(), &[1, 3, 16, 16]);
-    let d = (&a.latents - &b.latents)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+    let d = (&a.latents - &b.latents)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f32>()?;
     assert_eq!(d, 0.0, "same seed, same latents");
     Ok(())
 }
 
 #[test]
 fn class_conditional_sampling_at_twice_the_training_size_is_deterministic() -> R {
-    let models = SdModels::build(open(&fixture("ldm-cin-tiny/model.safetensors"), None)?, &Device::Cpu)?;
+    let models = SdModels::build(
+        open(&fixture("ldm-cin-tiny/model.safetensors"), None)?,
+        &Device::Cpu,
+    )?;
     let run = || -> R<ldm_pipeline::txt2img::Generated> {
         let mut r = request(64, 9);
         r.cfg_scale = 3.0;
         let req = r.validate(&models.spec, 0)?;
-        Ok(sample(&models, &req, &Condition::Classes(vec![5]), &mut |_, _| {})?)
+        Ok(sample(
+            &models,
+            &req,
+            &Condition::Classes(vec![5]),
+            &mut |_, _| {},
+        )?)
     };
     let a = run()?;
     let b = run()?;
     assert_eq!(a.images.dims(), &[1, 3, 64, 64]);
-    let d = (&a.images - &b.images)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+    let d = (&a.images - &b.images)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f32>()?;
     assert_eq!(d, 0.0, "same seed, same image");
     Ok(())
 }
