@@ -215,3 +215,57 @@ fn bad_inputs_are_usage_errors_without_output() -> R {
     assert!(!out.exists(), "no output file after errors");
     Ok(())
 }
+
+#[test]
+fn upscale_makes_an_image_f_times_larger() -> R {
+    let dir = tempfile::tempdir()?;
+    let out = dir.path().join("up.png");
+    let o = ldm(&[
+        "upscale",
+        "--model",
+        &fixture("ldm-sr-tiny/diffusers"),
+        "--image",
+        &fixture("img2img/init.png"),
+        "--steps",
+        "2",
+        "--seed",
+        "1",
+        "-o",
+        out.to_str().ok_or("path")?,
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let input =
+        ldm_core::image::RgbImage::load(std::path::Path::new(&fixture("img2img/init.png")))?;
+    let img = ldm_core::image::RgbImage::load(&out)?;
+    assert_eq!((img.width, img.height), (4 * input.width, 4 * input.height));
+    // LDM-SR has no unconditional input: guidance is refused; a text file is not an image.
+    let o2 = dir.path().join("x.png");
+    assert_usage_error(
+        &ldm(&[
+            "upscale",
+            "--model",
+            &fixture("ldm-sr-tiny/diffusers"),
+            "--image",
+            &fixture("img2img/init.png"),
+            "--cfg-scale",
+            "4",
+            "-o",
+            o2.to_str().ok_or("path")?,
+        ]),
+        "guidance",
+    );
+    assert_usage_error(
+        &ldm(&[
+            "upscale",
+            "--model",
+            &fixture("ldm-sr-tiny/diffusers"),
+            "--image",
+            &fixture("ldm-cin-tiny/model.yaml"),
+            "-o",
+            o2.to_str().ok_or("path")?,
+        ]),
+        "image",
+    );
+    assert!(!o2.exists());
+    Ok(())
+}
