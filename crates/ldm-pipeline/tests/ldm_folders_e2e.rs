@@ -226,3 +226,58 @@ fn ldm_bert_text_to_image_matches_diffusers() -> R {
     }
     Ok(())
 }
+
+/// The same LDM-BERT model as an original single file + `txt2img-1p4B-eval`-shaped YAML (written here from the
+/// folder's canonical tensors): the YAML path reads the same sizes and the run gives bit-identical latents.
+#[test]
+fn ldm_bert_single_file_with_original_yaml_equals_the_folder() -> R {
+    let folder = open(&fixture("ldm-txt2img-tiny/diffusers"), None)?;
+    let tmp = tempfile::tempdir()?;
+    let file = tmp.path().join("model.safetensors");
+    let mut tensors = HashMap::new();
+    for k in folder.store.keys() {
+        tensors.insert(
+            k.to_string(),
+            folder.store.load(k, DType::F32, &Device::Cpu)?,
+        );
+    }
+    candle_core::safetensors::save(&tensors, &file)?;
+    std::fs::copy(
+        fixture("ldm-txt2img-tiny/model.yaml"),
+        tmp.path().join("model.yaml"),
+    )?;
+    let single = open(&file, None)?;
+    assert_eq!(
+        single.spec.cond, folder.spec.cond,
+        "text encoder from the YAML + shapes"
+    );
+    // `resolution` only places attention levels (none here); diffusers' config does not carry it.
+    let norm = |f: &ldm_pipeline::spec::FirstStageSpec| match f {
+        ldm_pipeline::spec::FirstStageSpec::Kl(c) => {
+            let mut c = c.clone();
+            c.ddconfig.resolution = 0;
+            Some(c)
+        }
+        _ => None,
+    };
+    assert_eq!(
+        norm(&single.spec.first_stage),
+        norm(&folder.spec.first_stage)
+    );
+    assert!(norm(&single.spec.first_stage).is_some());
+    assert_eq!(single.spec.latent_scale, folder.spec.latent_scale);
+    let a = SdModels::build(folder, &Device::Cpu)?;
+    let b = SdModels::build(single, &Device::Cpu)?;
+    let c = &cases("ldm-txt2img-tiny", "cases")?[0];
+    let p = c["prompts"][0].as_str().ok_or("prompt")?;
+    let req = request(c, 64, p)?.validate(&a.spec, 0)?;
+    let x = txt2img(&a, &req, &mut |_, _| {})?;
+    let y = txt2img(&b, &req, &mut |_, _| {})?;
+    let d = (&x.latents - &y.latents)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f32>()?;
+    assert_eq!(d, 0.0);
+    Ok(())
+}
