@@ -4,11 +4,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::Args;
-use ldm_core::image::RgbImage;
 use ldm_models::cond::{LayoutObject, SemanticMap};
-use ldm_pipeline::infotext::{infotext, py_float};
 use ldm_pipeline::init_image::{image_to_tensor, load_image};
-use ldm_pipeline::request::a1111_sampler_name;
 use ldm_pipeline::txt2img::Generated;
 use ldm_pipeline::{
     sample, Condition, ConfigOverride, GenerateRequest, PipelineError, ValidRequest,
@@ -161,33 +158,7 @@ fn save(
     output: &Path,
     extra: Vec<(&'static str, String)>,
 ) -> anyhow::Result<()> {
-    let mut fields = vec![
-        ("Steps", v.steps.to_string()),
-        ("Sampler", a1111_sampler_name(v.sampler, v.karras)),
-        ("CFG scale", py_float(v.cfg_scale)),
-        ("Seed", v.seed.to_string()),
-        ("Size", format!("{}x{}", v.width, v.height)),
-        ("Model", model.to_string()),
-    ];
-    fields.extend(extra);
-    if v.eta != 0.0 {
-        fields.push(("Eta", py_float(v.eta)));
-    }
-    if v.batch > 1 {
-        fields.push(("Batch size", v.batch.to_string()));
-    }
-    for i in 0..v.batch {
-        let mut f = fields.clone();
-        if v.batch > 1 {
-            f.push(("Batch pos", i.to_string()));
-        }
-        let text = infotext(&v.prompt, &v.negative_prompt, &f);
-        let img = RgbImage::from_tensor(&out.images.get(i)?)?;
-        let path = crate::output_path(output, i, v.batch);
-        img.save_png(&path, &[("parameters", &text)])?;
-        println!("{}", path.display());
-    }
-    Ok(())
+    crate::output::save_images(out, v, model, output, &extra)
 }
 
 pub fn run_sample(a: SampleCmd) -> anyhow::Result<()> {

@@ -6,10 +6,8 @@ use anyhow::Context;
 use candle_core::Device;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use ldm_core::image::RgbImage;
-use ldm_pipeline::infotext::{infotext, py_float};
+use ldm_pipeline::infotext::py_float;
 use ldm_pipeline::init_image::{image_to_tensor, load_image};
-use ldm_pipeline::request::a1111_sampler_name;
 use ldm_pipeline::txt2img::Generated;
 use ldm_pipeline::{
     ConfigOverride, GenerateRequest, ImageRequest, ImageTask, Opened, SdModels, ValidImageRequest,
@@ -163,34 +161,8 @@ pub fn save(
     model: &str,
     output: &Path,
 ) -> anyhow::Result<()> {
-    let v = &req.base;
-    let mut fields = vec![
-        ("Steps", v.steps.to_string()),
-        ("Sampler", a1111_sampler_name(v.sampler, v.karras)),
-        ("CFG scale", py_float(v.cfg_scale)),
-        ("Seed", v.seed.to_string()),
-        ("Size", format!("{}x{}", v.width, v.height)),
-        ("Model", model.to_string()),
-        ("Denoising strength", py_float(req.strength)),
-    ];
-    if v.eta != 0.0 {
-        fields.push(("Eta", py_float(v.eta)));
-    }
-    if v.batch > 1 {
-        fields.push(("Batch size", v.batch.to_string()));
-    }
-    for i in 0..v.batch {
-        let mut f = fields.clone();
-        if v.batch > 1 {
-            f.push(("Batch pos", i.to_string()));
-        }
-        let text = infotext(&v.prompt, &v.negative_prompt, &f);
-        let img = RgbImage::from_tensor(&out.images.get(i)?)?;
-        let path = crate::output_path(output, i, v.batch);
-        img.save_png(&path, &[("parameters", &text)])?;
-        println!("{}", path.display());
-    }
-    Ok(())
+    let extra = [("Denoising strength", py_float(req.strength))];
+    crate::output::save_images(out, &req.base, model, output, &extra)
 }
 
 pub fn run(args: Img2imgArgs) -> anyhow::Result<()> {

@@ -11,6 +11,7 @@ mod conditioned;
 mod img2img;
 mod info;
 mod inpaint;
+mod output;
 mod txt2img;
 
 #[derive(Parser)]

@@ -4,9 +4,6 @@ use std::path::Path;
 use anyhow::Context;
 use candle_core::Device;
 use indicatif::{ProgressBar, ProgressStyle};
-use ldm_core::image::RgbImage;
-use ldm_pipeline::infotext::{infotext, py_float};
-use ldm_pipeline::request::a1111_sampler_name;
 use ldm_pipeline::{ConfigOverride, GenerateRequest, SdModels};
 
 pub fn run(
@@ -48,30 +45,5 @@ pub fn run(
     let out = ldm_pipeline::txt2img::txt2img(&models, &valid, &mut progress)?;
     bar.finish_and_clear();
 
-    let mut fields = vec![
-        ("Steps", valid.steps.to_string()),
-        ("Sampler", a1111_sampler_name(valid.sampler, valid.karras)),
-        ("CFG scale", py_float(valid.cfg_scale)),
-        ("Seed", valid.seed.to_string()),
-        ("Size", format!("{}x{}", valid.width, valid.height)),
-        ("Model", model_name),
-    ];
-    if valid.eta != 0.0 {
-        fields.push(("Eta", py_float(valid.eta)));
-    }
-    if valid.batch > 1 {
-        fields.push(("Batch size", valid.batch.to_string()));
-    }
-    for i in 0..valid.batch {
-        let mut f = fields.clone();
-        if valid.batch > 1 {
-            f.push(("Batch pos", i.to_string()));
-        }
-        let text = infotext(&valid.prompt, &valid.negative_prompt, &f);
-        let img = RgbImage::from_tensor(&out.images.get(i)?)?;
-        let path = crate::output_path(output, i, valid.batch);
-        img.save_png(&path, &[("parameters", &text)])?;
-        println!("{}", path.display());
-    }
-    Ok(())
+    crate::output::save_images(&out, &valid, &model_name, output, &[])
 }
