@@ -31,8 +31,9 @@ pub struct ImageGenArgs {
     negative_prompt: String,
     #[arg(long, default_value_t = 20)]
     steps: usize,
-    #[arg(long, default_value_t = 7.5)]
-    cfg_scale: f64,
+    /// Classifier-free guidance scale. Default: 7.5, or 1 for models without a prompt (no guidance).
+    #[arg(long)]
+    cfg_scale: Option<f64>,
     /// ddim, plms, ddpm, euler, euler-a, heun, lms, dpmpp-2m
     #[arg(long, default_value = "euler-a")]
     sampler: String,
@@ -62,20 +63,41 @@ impl ImageGenArgs {
         self,
         default_strength: f64,
     ) -> anyhow::Result<(PathBuf, Option<ConfigOverride>, ImageRequest, PathBuf)> {
-        let prompt = self
-            .text
-            .or(self.prompt)
-            .context("no prompt: give it as an argument or with --prompt")?;
-        let model = match self.model {
-            Some(m) => m,
+        let (model, config) = self.model_and_config()?;
+        let (req, output) = self.request_for(default_strength, true)?;
+        Ok((model, config, req, output))
+    }
+
+    /// The model path and the config override.
+    pub fn model_and_config(&self) -> anyhow::Result<(PathBuf, Option<ConfigOverride>)> {
+        let model = match &self.model {
+            Some(m) => m.clone(),
             None => crate::default_model()?,
         };
+        Ok((model, self.config.as_deref().map(ConfigOverride::parse)))
+    }
+
+    /// The request and the output path for a model that takes a prompt (`takes_prompt`: one is required, the
+    /// guidance scale defaults to 7.5) or not (none is needed, and one given is refused by the pipeline by
+    /// name; the scale defaults to 1).
+    pub fn request_for(
+        self,
+        default_strength: f64,
+        takes_prompt: bool,
+    ) -> anyhow::Result<(ImageRequest, PathBuf)> {
+        let prompt = self.text.or(self.prompt);
+        let prompt = if takes_prompt {
+            prompt.context("no prompt: give it as an argument or with --prompt")?
+        } else {
+            prompt.unwrap_or_default()
+        };
+        let default_cfg = if takes_prompt { 7.5 } else { 1.0 };
         let req = ImageRequest {
             generate: GenerateRequest {
                 prompt,
                 negative_prompt: self.negative_prompt,
                 steps: self.steps,
-                cfg_scale: self.cfg_scale,
+                cfg_scale: self.cfg_scale.unwrap_or(default_cfg),
                 sampler: self.sampler,
                 karras: self.karras,
                 eta: self.eta,
@@ -85,12 +107,7 @@ impl ImageGenArgs {
             },
             strength: self.strength.unwrap_or(default_strength),
         };
-        Ok((
-            model,
-            self.config.as_deref().map(ConfigOverride::parse),
-            req,
-            self.output,
-        ))
+        Ok((req, self.output))
     }
 }
 

@@ -30,13 +30,16 @@ pub struct InpaintArgs {
     gen: ImageGenArgs,
 }
 
+/// Models without text (the paper's `__is_first_stage__` inpainting model) need no prompt, and their guidance
+/// scale defaults to 1.
 pub fn run(args: InpaintArgs) -> anyhow::Result<()> {
-    let (model, config, req, output) = args.gen.request(1.0)?;
+    let (model, config) = args.gen.model_and_config()?;
     let pad = match &args.pad {
         Some(p) => Pad::parse(p)?,
         None => Pad::default(),
     };
     let opened = ldm_pipeline::open(&model, config.as_ref())?;
+    let (req, output) = args.gen.request_for(1.0, opened.spec.takes_prompt())?;
     let image = load_image(&args.image, "image")?;
     let mask = match &args.mask {
         Some(m) => Some(Mask::load(m)?),

@@ -131,13 +131,13 @@ pub fn sample_with_rng(
         (ConcatSpec::None, c) => !matches!(c, Condition::LowRes { .. } | Condition::Semantic(_)),
         (ConcatSpec::LowRes { .. }, c) => matches!(c, Condition::LowRes { .. }),
         (ConcatSpec::Semantic(_), c) => matches!(c, Condition::Semantic(_)),
-        (ConcatSpec::Inpaint, _) => true,
+        (ConcatSpec::Inpaint(_), _) => true,
     };
     if !fits {
         return Err(mismatch());
     }
     let (extra, y) = match (&spec.concat, cond) {
-        (ConcatSpec::Inpaint, _) => {
+        (ConcatSpec::Inpaint(_), _) => {
             return Err(PipelineError::invalid(
                 "model",
                 "this is an inpainting model: use inpaint",

@@ -13,10 +13,14 @@
 //! latents at the first level of the shortened plan. The mask (1 = repaint) is taken to latent resolution by
 //! nearest neighbour (`F.interpolate` default: pixel (f·i, f·j)); the masked image is the image with repainted
 //! pixels set to 0 (mid-grey in [−1, 1]). The output is the decoded latents (no overlay of the original).
+//!
+//! The paper's own inpainting model (CompVis `models/ldm/inpainting_big`, [`InpaintConcat::Ldm`]) runs as the
+//! original `scripts/inpaint.py` does it, see [`ldm_inpaint`].
 use candle_core::{Device, Tensor};
 use ldm_core::image::RgbImage;
 use ldm_core::rng::{NoiseRng, TorchRng};
-use ldm_sampling::{add_noise, guidance_enabled, KnownRegion};
+use ldm_models::autoencoder::Encoded;
+use ldm_sampling::{add_noise, guidance_enabled, prepare, KnownRegion};
 
 use crate::error::{PipelineError, Result};
 use crate::img2img::{check_image, encode_sample, image_plan, randn};
@@ -24,7 +28,8 @@ use crate::init_image::{image_to_tensor, pad_edge, Pad};
 use crate::mask::Mask;
 use crate::models::SdModels;
 use crate::request::ValidImageRequest;
-use crate::txt2img::{decode, prompt_context, Generated, Progress, Sampling};
+use crate::spec::InpaintConcat;
+use crate::txt2img::{decode, initial_noise, prompt_context, Generated, Progress, Sampling};
 
 /// An inpainting input: the image and its mask, of one size (after any outpainting padding).
 #[derive(Debug, Clone, PartialEq)]
@@ -81,13 +86,21 @@ fn mask_to_latent(mask: &Tensor, f: usize, device: &Device) -> Result<Tensor> {
     Ok(mask.index_select(&rows, 2)?.index_select(&cols, 3)?)
 }
 
-/// Runs inpainting for `req` on `input`; `progress` is called after every model evaluation.
+/// Runs inpainting for `req` on `input`; `progress` is called after every model evaluation. For the paper's
+/// inpainting model ([`InpaintConcat::Ldm`]) this is [`ldm_inpaint`] and the images are its composites.
 pub fn inpaint(
     models: &SdModels,
     req: &ValidImageRequest,
     input: &InpaintInput,
     progress: Progress<'_>,
 ) -> Result<Generated> {
+    if models.spec.inpaint_concat() == Some(InpaintConcat::Ldm) {
+        let out = ldm_inpaint(models, req, input, progress)?;
+        return Ok(Generated {
+            latents: out.latents,
+            images: out.images,
+        });
+    }
     let dev = &models.device;
     let image = image_to_tensor(&input.image, dev)?; // [1, 3, H, W] in [−1, 1]
     check_image(&image, req, "image")?;
@@ -159,4 +172,151 @@ pub fn inpaint(
     };
     let images = decode(models, &latents)?;
     Ok(Generated { latents, images })
+}
+
+/// What [`ldm_inpaint`] returns.
+pub struct LdmInpainted {
+    /// Final latents, [B, C, h, w].
+    pub latents: Tensor,
+    /// The decoded latents in [0, 1] before the composite, [B, 3, H, W].
+    pub predicted: Tensor,
+    /// The composite (1 − m)·image + m·predicted in [0, 1], [B, 3, H, W].
+    pub images: Tensor,
+}
+
+/// Inpainting with the paper's own inpainting model (Rombach et al. 2022, §4.5; CompVis
+/// `models/ldm/inpainting_big`: `LatentDiffusion` with `cond_stage_config: __is_first_stage__`, concat
+/// conditioning, UNet input 2·C + 1 channels), step for step as the original `scripts/inpaint.py`:
+///
+/// 1. the mask m ∈ {0, 1} (grey ≥ 0.5 repainted, [`Mask`]) and the masked image (1 − m)·x in [0, 1]; then, as
+///    the script's `make_batch` does for every input, both are mapped to [−1, 1] (so repainted pixels are −1,
+///    black, and the mask channel is −1 (keep) / +1 (repaint));
+/// 2. c = E(masked image), the first stage's deterministic encoding (VQ: the pre-quantisation latent; no
+///    scale factor), and the mask taken to the latent's size by nearest neighbour (`F.interpolate` default:
+///    pixel (f·i, f·j));
+/// 3. the UNet sees [x_t; c; m] (the masked image first, then the mask: the opposite of SD's order);
+/// 4. initial noise z_T [B, C, h, w]: one draw from the seeded CPU generator (`torch.randn` with
+///    `torch.Generator().manual_seed(seed)`), then the sampler's loop (the script uses DDIM with η = 0);
+/// 5. predicted = clamp((D(z₀) + 1)/2, 0, 1) (VQ first stages quantise z₀ first), and the composite in pixel
+///    space, (1 − m)·x + m·predicted, which leaves the kept pixels exactly as given. (The script then saves
+///    `composite · 255` truncated to `uint8`; ldm-rs's writers round instead.)
+///
+/// The model has no prompt and no unconditional input: a prompt, a guidance scale above 1 and a strength
+/// below 1 (the script always starts from pure noise) are refused.
+pub fn ldm_inpaint(
+    models: &SdModels,
+    req: &ValidImageRequest,
+    input: &InpaintInput,
+    progress: Progress<'_>,
+) -> Result<LdmInpainted> {
+    let spec = &models.spec;
+    let r = &req.base;
+    if spec.inpaint_concat() != Some(InpaintConcat::Ldm) {
+        return Err(PipelineError::invalid(
+            "model",
+            format!(
+                "{} is not an LDM (`__is_first_stage__`) inpainting model",
+                spec.describe()
+            ),
+        ));
+    }
+    if !r.prompt.is_empty() || !r.negative_prompt.is_empty() {
+        return Err(PipelineError::invalid(
+            "prompt",
+            format!(
+                "{} is conditioned on {}, not on text: give no prompt",
+                spec.describe(),
+                spec.conditioning()
+            ),
+        ));
+    }
+    if guidance_enabled(r.cfg_scale) {
+        return Err(PipelineError::invalid(
+            "cfg_scale",
+            format!(
+                "{} has no unconditional input (only the mask and the masked image), so classifier-free \
+                 guidance is impossible: use a scale of 1 (not {})",
+                spec.describe(),
+                r.cfg_scale
+            ),
+        ));
+    }
+    if req.strength != 1.0 {
+        return Err(PipelineError::invalid(
+            "strength",
+            format!(
+                "{} inpaints from pure noise as the original scripts/inpaint.py: use a strength of 1 (not {})",
+                spec.describe(),
+                req.strength
+            ),
+        ));
+    }
+    let dev = &models.device;
+    let image = image_to_tensor(&input.image, dev)?; // [1, 3, H, W] in [−1, 1]
+    check_image(&image, req, "image")?;
+    let (mw, mh) = (input.mask.width, input.mask.height);
+    if (mw, mh) != (r.width, r.height) {
+        return Err(PipelineError::invalid(
+            "mask",
+            format!(
+                "the mask is {mw}x{mh}, the image {}x{}: they must be the same size",
+                r.width, r.height
+            ),
+        ));
+    }
+    let b = r.batch;
+    let plan = prepare(r.sampler, &spec.scheduler, r.steps, r.karras, r.eta)
+        .map_err(|e| PipelineError::invalid("sampler", e.to_string()))?;
+    let mut rng = TorchRng::new(r.seed);
+
+    // make_batch: [0, 1] inputs, then x·2 − 1 for each
+    let image01 = ((&image + 1.0)? / 2.0)?; // [1, 3, H, W]
+    let mask01 = input.mask.to_tensor(dev)?; // [1, 1, H, W], 1 = repaint
+    let masked01 = image01.broadcast_mul(&(1.0 - &mask01)?)?;
+    let masked = masked01.affine(2.0, -1.0)?;
+    let mask_pm = mask01.affine(2.0, -1.0)?; // −1 keep, +1 repaint
+
+    // c = cond_stage_model.encode(masked_image); cc = F.interpolate(mask, size=c.shape[-2:])
+    let encoded = models
+        .first_stage
+        .encode(&masked.to_dtype(models.dtype)?)
+        .map_err(|e| PipelineError::Model(e.to_string()))?;
+    let c = match encoded {
+        Encoded::Latent(z) => z.to_dtype(candle_core::DType::F32)?, // [1, C, h, w]
+        Encoded::Posterior(_) => {
+            return Err(PipelineError::Model(format!(
+                "{}: a KL first stage as `__is_first_stage__` cond stage returns a posterior, which the original \
+                 script cannot concatenate; only VQ (and identity) first stages are supported",
+                spec.describe()
+            )))
+        }
+    };
+    let f = spec.vae_factor();
+    let mask_latent = mask_to_latent(&mask_pm, f, dev)?; // [1, 1, h, w]
+    let extra = Tensor::cat(&[&c, &mask_latent], 1)?.repeat((b, 1, 1, 1))?; // [B, C + 1, h, w]
+
+    let noise = initial_noise(models, r, &mut rng)?; // [B, C, h, w]
+    let latents = (noise * plan.init_noise_sigma)?;
+    let sampler = Sampling {
+        plan: &plan,
+        models,
+        req: r,
+        context: None,
+        y: None,
+        extra: Some(extra),
+    };
+    let latents = sampler.run(latents, &mut rng, None, progress)?;
+    let predicted = decode(models, &latents)?; // [B, 3, H, W] in [0, 1]
+
+    // inpainted = (1 − mask)·image + mask·predicted_image
+    let image01 = image01.clamp(0f32, 1f32)?;
+    let keep = (1.0 - &mask01)?;
+    let images = image01
+        .broadcast_mul(&keep)?
+        .broadcast_add(&predicted.broadcast_mul(&mask01)?)?;
+    Ok(LdmInpainted {
+        latents,
+        predicted,
+        images,
+    })
 }

@@ -312,7 +312,7 @@ fn open_diffusers(dir: &Path, form: CheckpointForm) -> Result<Opened> {
     };
     let first_stage = FirstStageSpec::Kl(vae);
     let concat = if unet.in_channels == unet.out_channels + first_stage.latent_channels() + 1 {
-        ConcatSpec::Inpaint
+        ConcatSpec::Inpaint(crate::spec::InpaintConcat::Sd)
     } else {
         ConcatSpec::None
     };

@@ -117,12 +117,33 @@ pub struct NoiseAugSpec {
     pub schedule: SchedulerConfig,
 }
 
+/// How an inpainting UNet's concatenated channels are made, and in which order they follow the latent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InpaintConcat {
+    /// Stable Diffusion inpainting (diffusers' `StableDiffusionInpaintPipeline`): [x_t; m; scale·z(masked
+    /// image)], the mask m ∈ {0, 1} first, the masked image (repainted pixels 0, mid-grey) encoded by a posterior
+    /// sample and scaled.
+    Sd,
+    /// The paper's own inpainting model (CompVis `models/ldm/inpainting_big`, `cond_stage_config:
+    /// __is_first_stage__`, `scripts/inpaint.py`): [x_t; E(masked image); m], the masked image (repainted pixels
+    /// −1, black) first, encoded deterministically by the first stage (VQ: the pre-quantisation latent, no
+    /// scale), then the mask in {−1, 1} (the script maps every input from [0, 1] to [−1, 1]).
+    Ldm,
+}
+
+impl InpaintConcat {
+    /// Whether the mask channel comes before the masked-image latents.
+    pub fn mask_first(self) -> bool {
+        self == InpaintConcat::Sd
+    }
+}
+
 /// Channels concatenated to the UNet's latent input.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ConcatSpec {
     None,
-    /// Mask (1 channel) and masked-image latents: SD and LDM inpainting.
-    Inpaint,
+    /// Mask (1 channel) and masked-image latents: SD and LDM inpainting (order and encoding per variant).
+    Inpaint(InpaintConcat),
     /// A low-resolution image in pixels at the latent's size: LDM-SR (`torch.nn.Identity` cond stage) and the
     /// SD x4 upscaler (noise-augmented, the noise level as the UNet's class label).
     LowRes {
@@ -151,7 +172,14 @@ impl ModelSpec {
     }
     /// Whether the UNet takes mask + masked-image latents beside the noisy latent (inpainting models).
     pub fn is_inpainting(&self) -> bool {
-        self.concat == ConcatSpec::Inpaint
+        matches!(self.concat, ConcatSpec::Inpaint(_))
+    }
+    /// The inpainting variant, for inpainting models.
+    pub fn inpaint_concat(&self) -> Option<InpaintConcat> {
+        match self.concat {
+            ConcatSpec::Inpaint(v) => Some(v),
+            _ => None,
+        }
     }
     /// The first stage's downsampling factor f.
     pub fn vae_factor(&self) -> usize {
@@ -197,7 +225,7 @@ impl ModelSpec {
         };
         let concat = match &self.concat {
             ConcatSpec::None => "",
-            ConcatSpec::Inpaint => " + mask and masked image",
+            ConcatSpec::Inpaint(_) => " + mask and masked image",
             ConcatSpec::LowRes { noise_aug: None } => " + low-res image",
             ConcatSpec::LowRes { noise_aug: Some(_) } => " + noise-augmented low-res image",
             ConcatSpec::Semantic(_) => " + semantic map",
@@ -210,7 +238,7 @@ impl ModelSpec {
             PredictionType::VPrediction => "v",
         };
         let kind = match &self.concat {
-            ConcatSpec::Inpaint => " inpainting",
+            ConcatSpec::Inpaint(_) => " inpainting",
             ConcatSpec::LowRes { .. } => " upscaler",
             ConcatSpec::Semantic(_) => " semantic synthesis",
             ConcatSpec::None => match &self.cond {
@@ -438,16 +466,27 @@ impl ModelSpec {
                 CondSpec::None
             }
             OriginalCondStage::FirstStage => {
-                return Err(bad(
-                    "a `__is_first_stage__` cond stage (the conditioning image encoded by the first stage) is not \
-                     supported yet"
-                        .into(),
-                ))
+                // The paper's inpainting model: the masked image encoded by the first stage and the mask,
+                // concatenated (latent + latent + 1 input channels).
+                if !concat_key || crossattn {
+                    return Err(bad(
+                        "a `__is_first_stage__` cond stage is supported for concatenation (inpainting) only".into(),
+                    ));
+                }
+                if unet.in_channels != 2 * latent_c + 1 {
+                    return Err(bad(format!(
+                        "a `__is_first_stage__` concat model must be an inpainting model with 2 × {latent_c} + 1 \
+                         UNet input channels (latent, masked-image latent, mask); this UNet takes {}",
+                        unet.in_channels
+                    )));
+                }
+                concat = ConcatSpec::Inpaint(InpaintConcat::Ldm);
+                CondSpec::None
             }
         };
         match &cfg.kind {
             DiffusionKind::Latent => {}
-            DiffusionKind::Inpaint { .. } => concat = ConcatSpec::Inpaint,
+            DiffusionKind::Inpaint { .. } => concat = ConcatSpec::Inpaint(InpaintConcat::Sd),
             DiffusionKind::Upscale { low_scale, .. } => {
                 let noise_aug = match low_scale {
                     LowScaleConfig::NoiseAugmentation {
@@ -465,9 +504,9 @@ impl ModelSpec {
         }
         if concat == ConcatSpec::None
             && concat_key
-            && inpaint_by_channels(&unet, latent_c) == ConcatSpec::Inpaint
+            && inpaint_by_channels(&unet, latent_c) == ConcatSpec::Inpaint(InpaintConcat::Sd)
         {
-            concat = ConcatSpec::Inpaint;
+            concat = ConcatSpec::Inpaint(InpaintConcat::Sd);
         }
         let prediction = match cfg.parameterization {
             Parameterization::Eps => PredictionType::Epsilon,
@@ -509,7 +548,7 @@ impl ModelSpec {
         }
         let extra = match &self.concat {
             ConcatSpec::None => 0,
-            ConcatSpec::Inpaint => latent + 1,
+            ConcatSpec::Inpaint(_) => latent + 1,
             ConcatSpec::LowRes { .. } => self.unet.in_channels.saturating_sub(latent),
             ConcatSpec::Semantic(r) => r.out_channels.unwrap_or(r.in_channels),
         };
@@ -526,7 +565,7 @@ impl ModelSpec {
 
 fn inpaint_by_channels(unet: &UnetConfig, latent: usize) -> ConcatSpec {
     if unet.in_channels == unet.out_channels + latent + 1 {
-        ConcatSpec::Inpaint
+        ConcatSpec::Inpaint(InpaintConcat::Sd)
     } else {
         ConcatSpec::None
     }
@@ -767,6 +806,11 @@ pub fn ignorable_single_file_key(spec: &ModelSpec, key: &str) -> bool {
         || key.starts_with("model_ema.")
         || key.starts_with("first_stage_model.loss.")
     {
+        return true;
+    }
+    // `__is_first_stage__`: the original registers the first stage a second time as `cond_stage_model`, so
+    // its checkpoints hold every first-stage tensor twice; the first stage is built from `first_stage_model.*`.
+    if spec.inpaint_concat() == Some(InpaintConcat::Ldm) && key.starts_with("cond_stage_model.") {
         return true;
     }
     if SCHEDULE_BUFFERS.contains(&key)
