@@ -774,7 +774,7 @@ fn layout_builder(
     if let Some(extra) = b.use_additional_parameters {
         layout.use_additional_parameters = extra;
     }
-    if b.max_seq_len < 2 || (b.max_seq_len - 2) % 3 != 0 {
+    if b.max_seq_len < 2 || !(b.max_seq_len - 2).is_multiple_of(3) {
         return Err(format!(
             "a layout encoder's max_seq_len {} is not 2 crop tokens + 3 per object",
             b.max_seq_len
