@@ -384,11 +384,17 @@ impl ModelSpec {
                     return Err(bad("a text cond stage without cross-attention".into()));
                 }
                 match t {
-                    OriginalTextEncoder::Clip { num_heads, layer, .. } => {
+                    OriginalTextEncoder::Clip {
+                        num_heads, layer, ..
+                    } => {
                         let output = match layer {
                             ClipLayer::Last => TextOutput::Last,
-                            ClipLayer::Hidden(i) if *i < 0 => TextOutput::SkipLast((-*i - 1) as usize),
-                            other => return Err(bad(format!("CLIP layer {other:?} is not supported"))),
+                            ClipLayer::Hidden(i) if *i < 0 => {
+                                TextOutput::SkipLast((-*i - 1) as usize)
+                            }
+                            other => {
+                                return Err(bad(format!("CLIP layer {other:?} is not supported")))
+                            }
                         };
                         let config = text_config(
                             store,
@@ -404,7 +410,9 @@ impl ModelSpec {
                             prefix: CLIP_PREFIX.into(),
                         })
                     }
-                    OriginalTextEncoder::OpenClip { layer, num_heads, .. } => {
+                    OriginalTextEncoder::OpenClip {
+                        layer, num_heads, ..
+                    } => {
                         let output = match layer {
                             OpenClipLayer::Last => TextOutput::Last,
                             OpenClipLayer::Penultimate => TextOutput::PENULTIMATE,
@@ -449,11 +457,16 @@ impl ModelSpec {
                 if !crossattn {
                     return Err(bad("a ClassEmbedder without cross-attention".into()));
                 }
-                CondSpec::Class(ClassEmbedderConfig::from_original(Some(c.n_classes), c.embed_dim))
+                CondSpec::Class(ClassEmbedderConfig::from_original(
+                    Some(c.n_classes),
+                    c.embed_dim,
+                ))
             }
             OriginalCondStage::SpatialRescaler(r) => {
                 if !concat_key {
-                    return Err(bad("a SpatialRescaler cond stage without concatenation".into()));
+                    return Err(bad(
+                        "a SpatialRescaler cond stage without concatenation".into()
+                    ));
                 }
                 concat = ConcatSpec::Semantic(rescaler_from_original(r));
                 CondSpec::None

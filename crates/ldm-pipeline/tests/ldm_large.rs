@@ -97,3 +97,45 @@ fn class_conditional_sampling_at_twice_the_training_size_is_deterministic() -> R
     assert_eq!(d, 0.0, "same seed, same image");
     Ok(())
 }
+
+/// Pixel space (f = 1, the paper's LDM-1): the tiny unconditional UNet with `IdentityFirstStage` as its first
+/// stage runs on the image itself; the output is the final "latent" / scale mapped to [0, 1], at the latent's size.
+#[test]
+fn pixel_space_model_with_identity_first_stage_samples_images_directly() -> R {
+    let tmp = tempfile::tempdir()?;
+    let src = open(&fixture("ldm-uncond-tiny/model.safetensors"), None)?;
+    let mut tensors = std::collections::HashMap::new();
+    for k in src
+        .store
+        .keys()
+        .filter(|k| k.starts_with("model.diffusion_model."))
+    {
+        tensors.insert(
+            k.to_string(),
+            src.store.load(k, candle_core::DType::F32, &Device::Cpu)?,
+        );
+    }
+    let file = tmp.path().join("ldm1.safetensors");
+    candle_core::safetensors::save(&tensors, &file)?;
+    let yaml = std::fs::read_to_string(fixture("ldm-uncond-tiny/model.yaml"))?;
+    let head = yaml.split("    first_stage_config:").next().ok_or("yaml")?;
+    let yaml = format!(
+        "{head}    first_stage_config:\n      target: ldm.models.autoencoder.IdentityFirstStage\n    cond_stage_config: __is_unconditional__\n"
+    );
+    std::fs::write(tmp.path().join("ldm1.yaml"), yaml)?;
+    let models = SdModels::build(open(&file, None)?, &Device::Cpu)?;
+    assert_eq!(models.spec.vae_factor(), 1);
+    let req = request(16, 4).validate(&models.spec, 0)?;
+    let out = sample(&models, &req, &Condition::None, &mut |_, _| {})?;
+    assert_eq!(out.images.dims(), &[1, 3, 16, 16]);
+    let expect = ((&out.latents / models.spec.latent_scale)? / 2.0)?
+        .affine(1.0, 0.5)?
+        .clamp(0f32, 1f32)?;
+    let d = (&out.images - &expect)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f32>()?;
+    assert!(d < 1e-6, "identity decode: {d}");
+    Ok(())
+}
