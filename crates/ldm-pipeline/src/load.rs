@@ -8,7 +8,7 @@ use ldm_models::import::{self, Conversion, KeyMap};
 use ldm_models::original_config::OriginalFile;
 use ldm_models::text::{Activation, TextConfig, TextLayout, TextOutput};
 use ldm_models::tokenizer::{BertTokenizer, ClipTokenizer, Pad};
-use ldm_models::unet::{HeadSpec, UnetConfig};
+use ldm_models::unet::UnetConfig;
 use ldm_sampling::{PredictionType, SchedulerConfig};
 
 use crate::error::{PipelineError, Result};
@@ -241,35 +241,7 @@ fn open_diffusers(dir: &Path, form: CheckpointForm) -> Result<Opened> {
     add_mapped(&mut store, &vae_files.weights, &vae_map)?;
     add_mapped(&mut store, &text_files.weights, &clip_map)?;
 
-    let uniform = |v: &[usize], what: &str| -> Result<usize> {
-        match v.first() {
-            Some(&x) if v.iter().all(|&y| y == x) => Ok(x),
-            _ => Err(PipelineError::Unsupported {
-                path: dir.to_path_buf(),
-                reason: format!(
-                    "per-level {what} {v:?} (ldm-rs's UNet takes one value for all levels)"
-                ),
-            }),
-        }
-    };
-    let unet = UnetConfig {
-        in_channels: ua.in_channels,
-        out_channels: ua.out_channels,
-        model_channels: ua.model_channels,
-        channel_mult: ua.channel_mult.clone(),
-        num_res_blocks: uniform(&ua.res_blocks, "layers_per_block")?,
-        attention_levels: ua.attention_levels.clone(),
-        heads: match ua.heads {
-            import::Heads::Count(n) => HeadSpec::Count(n),
-            import::Heads::Dim(d) => HeadSpec::Dim(d),
-        },
-        transformer_depth: uniform(&ua.transformer_depth, "transformer_layers_per_block")?,
-        context_dim: Some(ua.context_dim),
-        use_linear_in_transformer: ua.linear_projection,
-        num_groups: ua.norm_groups,
-        ..UnetConfig::sd_v1()
-    };
-    unet.validate()
+    let unet = UnetConfig::try_from(&ua)
         .map_err(|e| PipelineError::Model(format!("{}: {e}", dir.display())))?;
     let vae = AutoencoderKlConfig {
         embed_dim: va.embed_dim,

@@ -27,7 +27,7 @@ use ldm_models::autoencoder::{AutoencoderKlConfig, DdConfig, VqModelConfig};
 use ldm_models::import::{self, Conversion, KeyMap, KeyReport, MissingKey, ShapeMismatch};
 use ldm_models::text::{Activation, TextConfig, TextLayout, TextOutput, XTransformerConfig};
 use ldm_models::tokenizer::{BertTokenizer, ClipTokenizer};
-use ldm_models::unet::{HeadSpec, UnetConfig};
+use ldm_models::unet::UnetConfig;
 use ldm_sampling::SchedulerConfig;
 use serde_json::Value;
 
@@ -340,41 +340,7 @@ impl Folder<'_> {
     }
 
     fn unet_config(&self, ua: &import::UnetArch) -> Result<UnetConfig> {
-        let uniform = |v: &[usize], what: &str| -> Result<usize> {
-            match v.first() {
-                Some(&x) if v.iter().all(|&y| y == x) => Ok(x),
-                _ => Err(self.unsupported(format!(
-                    "unet: per-level {what} {v:?} (ldm-rs's UNet takes one value for all levels)"
-                ))),
-            }
-        };
-        let unet = UnetConfig {
-            in_channels: ua.in_channels,
-            out_channels: ua.out_channels,
-            model_channels: ua.model_channels,
-            channel_mult: ua.channel_mult.clone(),
-            num_res_blocks: uniform(&ua.res_blocks, "layers_per_block")?,
-            attention_levels: ua.attention_levels.clone(),
-            heads: match ua.heads {
-                import::Heads::Count(n) => HeadSpec::Count(n),
-                import::Heads::Dim(d) => HeadSpec::Dim(d),
-            },
-            transformer_depth: uniform(&ua.transformer_depth, "transformer_layers_per_block")?,
-            context_dim: Some(ua.context_dim),
-            use_linear_in_transformer: ua.linear_projection,
-            num_groups: ua.norm_groups,
-            num_classes: ua.num_classes,
-            disable_self_attentions: ua
-                .disable_self_attentions
-                .iter()
-                .any(|&d| d)
-                .then(|| ua.disable_self_attentions.clone()),
-            disable_middle_self_attn: ua.disable_middle_self_attn,
-            ..UnetConfig::sd_v1()
-        };
-        unet.validate()
-            .map_err(|e| self.unsupported(format!("unet: {e}")))?;
-        Ok(unet)
+        UnetConfig::try_from(ua).map_err(|e| self.unsupported(format!("unet: {e}")))
     }
 
     /// Checks the UNet against the first stage: latent channels out, latent + `concat` channels in.
