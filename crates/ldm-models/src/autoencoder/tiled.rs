@@ -40,9 +40,27 @@
 //! (tests/tiled_vae.rs, ignored tests). Sharing GroupNorm statistics across tiles (as the A1111 "Tiled VAE"
 //! extension does) would remove most of it; it needs a statistics hook in `Decoder`/`Encoder` and is not
 //! built. Blending itself is exact: tiling a local operation reproduces it (tests/tiled_vae.rs).
-use candle_core::{DType, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
+use candle_nn::Conv2d;
 
+use super::blocks::{swish, GroupStats, Norm, ResnetBlock};
 use super::kl::{AutoencoderKl, DiagonalGaussian};
+use super::model::{Decoder, Encoder, Level};
+
+/// How tiles relate to each other (module doc, "Modes").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TileMode {
+    /// Tiles run in lockstep and share every GroupNorm's statistics (computed over the whole feature map);
+    /// the parts at latent resolution (decoder `conv_in` + mid block, encoder mid block + `norm_out` +
+    /// `conv_out`) run untiled. Equals the untiled pass up to float rounding. Memory: about two feature maps
+    /// of the finest level on the host (f32) plus one tile's working set.
+    #[default]
+    SharedNorm,
+    /// Every tile goes through the whole network on its own and the outputs are blended over the overlaps.
+    /// Memory: one tile's working set plus the output, independent of the image size; but each tile sees
+    /// only its own GroupNorm statistics and attention context, so the result is approximate.
+    Independent,
+}
 
 /// Tile side and overlap of a tiled encode/decode, in LATENT pixels. Build it with [`TileConfig::new`] (or
 /// [`TileConfig::from_pixels`]); an invalid configuration cannot be constructed.
@@ -50,6 +68,7 @@ use super::kl::{AutoencoderKl, DiagonalGaussian};
 pub struct TileConfig {
     tile: usize,
     overlap: usize,
+    mode: TileMode,
 }
 
 /// Why a [`TileConfig`] cannot be built.
@@ -82,7 +101,22 @@ impl TileConfig {
         if overlap >= tile {
             return Err(TileConfigError::OverlapNotBelowTile { tile, overlap });
         }
-        Ok(Self { tile, overlap })
+        Ok(Self {
+            tile,
+            overlap,
+            mode: TileMode::default(),
+        })
+    }
+
+    /// The same tiles in another [`TileMode`].
+    pub fn with_mode(mut self, mode: TileMode) -> Self {
+        self.mode = mode;
+        self
+    }
+
+    /// The tile mode ([`TileMode::SharedNorm`] unless set).
+    pub fn mode(&self) -> TileMode {
+        self.mode
     }
 
     /// A tile of `tile_px` image pixels for an autoencoder of factor `f`, with the default overlap ratio
@@ -122,6 +156,7 @@ impl Default for TileConfig {
         Self {
             tile: Self::DEFAULT_TILE,
             overlap: Self::DEFAULT_OVERLAP,
+            mode: TileMode::default(),
         }
     }
 }
@@ -298,21 +333,477 @@ where
 }
 
 impl AutoencoderKl {
-    /// [`AutoencoderKl::decode`] through [`tiled_decode`].
+    /// [`AutoencoderKl::decode`], tiled. [`TileMode::SharedNorm`]: `post_quant_conv` and the decoder's
+    /// latent-resolution part on the whole latent, the rest tile by tile with shared statistics
+    /// ([`Decoder::forward_shared_tiles`]; tiles of `cfg.tile()` latents, `cfg.overlap()` unused).
+    /// [`TileMode::Independent`]: [`tiled_decode`] of the whole decode. A latent that fits in one tile is
+    /// decoded untiled in both modes.
     pub fn decode_tiled(&self, z: &Tensor, cfg: &TileConfig) -> Result<Tensor> {
-        let f = self.config().ddconfig.downsample_factor();
-        tiled_decode(z, f, cfg, |t| self.decode(t))
+        let (_, _, h, w) = z.dims4()?;
+        if h <= cfg.tile && w <= cfg.tile {
+            return self.decode(z);
+        }
+        match cfg.mode {
+            TileMode::SharedNorm => {
+                let z = self.check_latent(z)?;
+                self.decoder()
+                    .forward_shared_tiles(&self.post_quant_conv().forward(z)?, cfg.tile)
+            }
+            TileMode::Independent => {
+                let f = self.config().ddconfig.downsample_factor();
+                tiled_decode(z, f, cfg, |t| self.decode(t))
+            }
+        }
     }
 
-    /// [`AutoencoderKl::encode`] through [`tiled_encode`]: the mean and log-variance of the tiles are
-    /// blended (a log-variance blend is a geometric blend of variances), then clamped as untiled.
+    /// [`AutoencoderKl::encode`], tiled. [`TileMode::SharedNorm`]: the encoder's full-resolution part tile by
+    /// tile with shared statistics ([`Encoder::forward_shared_tiles`]), the rest on the whole latent.
+    /// [`TileMode::Independent`]: [`tiled_encode`], the mean and log-variance of the tiles blended (a
+    /// log-variance blend is a geometric blend of variances), then clamped as untiled.
     pub fn encode_tiled(&self, x: &Tensor, cfg: &TileConfig) -> Result<DiagonalGaussian> {
         let f = self.config().ddconfig.downsample_factor();
-        let moments = tiled_encode(x, f, cfg, |t| {
-            let p = self.encode(t)?;
-            Tensor::cat(&[&p.mean, &p.logvar], 1)
-        })?;
-        DiagonalGaussian::from_moments(&moments)
+        let (_, _, h, w) = x.dims4()?;
+        if h <= cfg.tile * f && w <= cfg.tile * f {
+            return self.encode(x);
+        }
+        match cfg.mode {
+            TileMode::SharedNorm => {
+                self.check_image(x)?;
+                let h = self.encoder().forward_shared_tiles(x, cfg.tile)?;
+                DiagonalGaussian::from_moments(&self.quant_conv().forward(&h)?)
+            }
+            TileMode::Independent => {
+                let moments = tiled_encode(x, f, cfg, |t| {
+                    let p = self.encode(t)?;
+                    Tensor::cat(&[&p.mean, &p.logvar], 1)
+                })?;
+                DiagonalGaussian::from_moments(&moments)
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Shared-statistics mode
+// ---------------------------------------------------------------------------------------------------------
+
+/// A feature map `[B, C, H, W]` kept on the host in f32 between the synchronisation points (the GroupNorms)
+/// of a shared-statistics pass.
+#[derive(Debug, Clone)]
+struct HostMap {
+    b: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    data: Vec<f32>,
+}
+
+/// Device and dtype the tiles are computed in.
+#[derive(Debug, Clone)]
+struct Ctx {
+    device: candle_core::Device,
+    dtype: DType,
+}
+
+impl Ctx {
+    fn of(t: &Tensor) -> Self {
+        Self {
+            device: t.device().clone(),
+            dtype: t.dtype(),
+        }
+    }
+}
+
+/// One tile of a shared-statistics segment: its core `[y0, y1) × [x0, x1)` (the pixels it is responsible
+/// for; the cores of all tiles partition the map) and the crop `[cy0, cy1) × [cx0, cx1)` it reads (the core
+/// plus the segment's receptive-field margin, clipped to the map).
+#[derive(Debug, Clone, Copy)]
+struct Geom {
+    y0: usize,
+    y1: usize,
+    x0: usize,
+    x1: usize,
+    cy0: usize,
+    cy1: usize,
+    cx0: usize,
+    cx1: usize,
+}
+
+impl Geom {
+    /// Core offset inside the crop, in crop pixels.
+    fn oy(&self) -> usize {
+        self.y0 - self.cy0
+    }
+    fn ox(&self) -> usize {
+        self.x0 - self.cx0
+    }
+    fn ch(&self) -> usize {
+        self.y1 - self.y0
+    }
+    fn cw(&self) -> usize {
+        self.x1 - self.x0
+    }
+}
+
+/// Cores of side `core` (the last ones shorter) partitioning `h × w`, each with a margin of `pad`.
+fn geoms(h: usize, w: usize, core: usize, pad: usize) -> Vec<Geom> {
+    let core = core.max(1);
+    let mut out = Vec::new();
+    for y0 in (0..h).step_by(core) {
+        for x0 in (0..w).step_by(core) {
+            let (y1, x1) = ((y0 + core).min(h), (x0 + core).min(w));
+            out.push(Geom {
+                y0,
+                y1,
+                x0,
+                x1,
+                cy0: y0.saturating_sub(pad),
+                cy1: (y1 + pad).min(h),
+                cx0: x0.saturating_sub(pad),
+                cx1: (x1 + pad).min(w),
+            });
+        }
+    }
+    out
+}
+
+impl HostMap {
+    fn zeros(b: usize, c: usize, h: usize, w: usize) -> Self {
+        Self {
+            b,
+            c,
+            h,
+            w,
+            data: vec![0f32; b * c * h * w],
+        }
+    }
+
+    fn from_tensor(t: &Tensor) -> Result<Self> {
+        let (b, c, h, w) = t.dims4()?;
+        let data = t
+            .to_dtype(DType::F32)?
+            .to_device(&candle_core::Device::Cpu)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        Ok(Self { b, c, h, w, data })
+    }
+
+    fn to_tensor(&self, ctx: &Ctx) -> Result<Tensor> {
+        Tensor::from_slice(
+            &self.data,
+            (self.b, self.c, self.h, self.w),
+            &candle_core::Device::Cpu,
+        )?
+        .to_dtype(ctx.dtype)?
+        .to_device(&ctx.device)
+    }
+
+    /// The crop of `g` as a tensor on the compute device.
+    fn crop(&self, g: &Geom, ctx: &Ctx) -> Result<Tensor> {
+        self.rect(g.cy0, g.cy1, g.cx0, g.cx1, ctx)
+    }
+
+    /// The core of `g` as a tensor on the compute device.
+    fn core(&self, g: &Geom, ctx: &Ctx) -> Result<Tensor> {
+        self.rect(g.y0, g.y1, g.x0, g.x1, ctx)
+    }
+
+    fn rect(&self, y0: usize, y1: usize, x0: usize, x1: usize, ctx: &Ctx) -> Result<Tensor> {
+        let (th, tw) = (y1 - y0, x1 - x0);
+        let mut v = Vec::with_capacity(self.b * self.c * th * tw);
+        for plane in self.data.chunks_exact(self.h * self.w) {
+            for y in y0..y1 {
+                v.extend_from_slice(&plane[y * self.w + x0..y * self.w + x1]);
+            }
+        }
+        Tensor::from_vec(v, (self.b, self.c, th, tw), &candle_core::Device::Cpu)?
+            .to_dtype(ctx.dtype)?
+            .to_device(&ctx.device)
+    }
+
+    /// Writes `t` `[B, C, th, tw]` at rows `y0..y0+th`, columns `x0..x0+tw`.
+    fn write(&mut self, t: &Tensor, y0: usize, x0: usize, what: &str) -> Result<()> {
+        let (b, c, th, tw) = t.dims4()?;
+        if b != self.b || c != self.c || y0 + th > self.h || x0 + tw > self.w {
+            candle_core::bail!(
+                "{what}: a tile result {:?} does not fit at ({y0}, {x0}) of [{}, {}, {}, {}]",
+                t.dims(),
+                self.b,
+                self.c,
+                self.h,
+                self.w
+            );
+        }
+        let v = t
+            .to_dtype(DType::F32)?
+            .to_device(&candle_core::Device::Cpu)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let (h, w) = (self.h, self.w);
+        for (dst, src) in self.data.chunks_exact_mut(h * w).zip(v.chunks_exact(th * tw)) {
+            for (i, row) in src.chunks_exact(tw).enumerate() {
+                dst[(y0 + i) * w + x0..(y0 + i) * w + x0 + tw].copy_from_slice(row);
+            }
+        }
+        Ok(())
+    }
+
+    /// GroupNorm statistics over the whole map: per (batch, group) mean, then the mean squared deviation
+    /// from it (two passes, accumulated in f64), each pixel counted once.
+    fn group_stats(&self, groups: usize) -> Result<GroupStats> {
+        if groups == 0 || !self.c.is_multiple_of(groups) {
+            candle_core::bail!(
+                "shared GroupNorm statistics: {} channels do not split into {groups} groups",
+                self.c
+            );
+        }
+        let n = (self.c / groups) * self.h * self.w;
+        let (mut mean, mut var) = (Vec::new(), Vec::new());
+        for chunk in self.data.chunks_exact(n.max(1)) {
+            let m = chunk.iter().map(|&v| v as f64).sum::<f64>() / n as f64;
+            let s = chunk.iter().map(|&v| (v as f64 - m).powi(2)).sum::<f64>() / n as f64;
+            mean.push(m);
+            var.push(s);
+        }
+        Ok(GroupStats {
+            batch: self.b,
+            groups,
+            mean,
+            var,
+        })
+    }
+}
+
+/// `op` applied tile by tile to a map, with a margin of `pad` pixels per tile; `op` gets the crop and the
+/// tile geometry and returns the output for the core only (at `scale` = 2 or 1 output pixels per input
+/// pixel; `halve` halves it for a stride-2 downsample). The outputs are assembled into a new map.
+fn map_tiles<F>(
+    src: &HostMap,
+    out_c: usize,
+    core: usize,
+    pad: usize,
+    scale: Resample,
+    ctx: &Ctx,
+    what: &str,
+    op: F,
+) -> Result<HostMap>
+where
+    F: Fn(&Tensor, &Geom) -> Result<Tensor>,
+{
+    let (oh, ow) = scale.out_size(src.h, src.w);
+    let mut out = HostMap::zeros(src.b, out_c, oh, ow);
+    for g in geoms(src.h, src.w, core, pad) {
+        let y = op(&src.crop(&g, ctx)?, &g)?;
+        let (y0, x0) = scale.out_pos(g.y0, g.x0);
+        out.write(&y, y0, x0, what)?;
+    }
+    Ok(out)
+}
+
+/// How a segment changes the resolution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Resample {
+    Same,
+    Up2,
+    Down2,
+}
+
+impl Resample {
+    fn out_size(self, h: usize, w: usize) -> (usize, usize) {
+        self.out_pos(h, w)
+    }
+    fn out_pos(self, y: usize, x: usize) -> (usize, usize) {
+        match self {
+            Resample::Same => (y, x),
+            Resample::Up2 => (2 * y, 2 * x),
+            Resample::Down2 => (y / 2, x / 2),
+        }
+    }
+}
+
+/// The core of a `Same`-resolution segment output computed on the crop of `g`.
+fn core_of(t: &Tensor, g: &Geom) -> Result<Tensor> {
+    t.narrow(2, g.oy(), g.ch())?.narrow(3, g.ox(), g.cw())
+}
+
+/// A 3x3-conv segment `conv(swish(norm(x)))` with shared statistics (`norm_out`/`conv_out`, `norm1`/`conv1`).
+fn norm_swish_conv(
+    x: &HostMap,
+    norm: &Norm,
+    conv: &Conv2d,
+    out_c: usize,
+    core: usize,
+    ctx: &Ctx,
+    what: &str,
+) -> Result<HostMap> {
+    let stats = x.group_stats(norm.groups())?;
+    map_tiles(x, out_c, core, 1, Resample::Same, ctx, what, |t, g| {
+        let y = conv.forward(&swish(&norm.forward_with_stats(t, &stats)?)?)?;
+        core_of(&y, g)
+    })
+}
+
+/// A [`ResnetBlock`] with shared GroupNorm statistics: `h = conv1(swish(norm1(x)))` tile by tile, then
+/// `x + conv2(swish(norm2(h)))` tile by tile, written over `x` in place when the channel count stays
+/// (a tile reads `x` only at its core for the residual, so overwriting cores is safe).
+fn resnet_shared(block: &ResnetBlock, x: HostMap, core: usize, ctx: &Ctx) -> Result<HostMap> {
+    let out_c = block.conv1.weight().dim(0)?;
+    let h = norm_swish_conv(
+        &x,
+        &block.norm1,
+        &block.conv1,
+        out_c,
+        core,
+        ctx,
+        "tiled ResnetBlock",
+    )?;
+    let stats = h.group_stats(block.norm2.groups())?;
+    let mut out = match block.nin_shortcut {
+        None => None,
+        Some(_) => Some(HostMap::zeros(x.b, out_c, x.h, x.w)),
+    };
+    let mut x = x;
+    for g in geoms(h.h, h.w, core, 1) {
+        let r = block
+            .conv2
+            .forward(&swish(&block.norm2.forward_with_stats(&h.crop(&g, ctx)?, &stats)?)?)?;
+        let r = core_of(&r, &g)?;
+        let xc = x.core(&g, ctx)?;
+        let y = match &block.nin_shortcut {
+            Some(s) => (s.forward(&xc)? + r)?,
+            None => (xc + r)?,
+        };
+        match out.as_mut() {
+            Some(o) => o.write(&y, g.y0, g.x0, "tiled ResnetBlock")?,
+            None => x.write(&y, g.y0, g.x0, "tiled ResnetBlock")?,
+        }
+    }
+    Ok(out.unwrap_or(x))
+}
+
+/// The ResNet blocks (and attention blocks, which run on the whole map) of one level.
+fn level_blocks_shared<R>(
+    level: &Level<R>,
+    mut x: HostMap,
+    core: usize,
+    ctx: &Ctx,
+) -> Result<HostMap> {
+    for (i, block) in level.blocks.iter().enumerate() {
+        x = resnet_shared(block, x, core, ctx)?;
+        if let Some(attn) = level.attns.get(i) {
+            // Attention is global: it runs on the whole map (as untiled; chunked over queries).
+            let y = attn.forward(&x.to_tensor(ctx)?)?;
+            x = HostMap::from_tensor(&y)?;
+        }
+    }
+    Ok(x)
+}
+
+impl Decoder {
+    /// The decoder with shared GroupNorm statistics (module doc, "Shared-statistics mode"): `conv_in` and
+    /// the mid block at latent resolution on the whole latent, then every up level and `norm_out`/`conv_out`
+    /// tile by tile with statistics over the whole map. `tile` is the core side in latent pixels. Equal
+    /// to [`Decoder::forward`] up to float rounding.
+    pub fn forward_shared_tiles(&self, z: &Tensor, tile: usize) -> Result<Tensor> {
+        let ctx = Ctx::of(z);
+        let h = self.mid.forward(&self.conv_in.forward(z)?)?;
+        let mut x = HostMap::from_tensor(&h)?;
+        drop(h);
+        let mut core = tile.max(1);
+        for level in self.up.iter().rev() {
+            x = level_blocks_shared(level, x, core, &ctx)?;
+            if let Some(up) = &level.resample {
+                let c = x.c;
+                x = map_tiles(
+                    &x,
+                    c,
+                    core,
+                    1,
+                    Resample::Up2,
+                    &ctx,
+                    "tiled Upsample",
+                    |t, g| {
+                        let (_, _, th, tw) = t.dims4()?;
+                        let y = up.forward(t)?;
+                        debug_assert_eq!(y.dims()[2..], [2 * th, 2 * tw]);
+                        y.narrow(2, 2 * g.oy(), 2 * g.ch())?
+                            .narrow(3, 2 * g.ox(), 2 * g.cw())
+                    },
+                )?;
+                core *= 2;
+            }
+        }
+        let out_c = self.conv_out.weight().dim(0)?;
+        let y = norm_swish_conv(
+            &x,
+            &self.norm_out,
+            &self.conv_out,
+            out_c,
+            core,
+            &ctx,
+            "tiled decoder output",
+        )?;
+        drop(x);
+        y.to_tensor(&ctx)
+    }
+}
+
+impl Encoder {
+    /// The encoder with shared GroupNorm statistics: `conv_in` and every down level tile by tile (cores of
+    /// `tile·f` image pixels, statistics over the whole map), then the mid block, `norm_out` and `conv_out`
+    /// at latent resolution on the whole map. Equal to [`Encoder::forward`] up to float rounding. The
+    /// image sides must be multiples of `f`.
+    pub fn forward_shared_tiles(&self, x: &Tensor, tile: usize) -> Result<Tensor> {
+        let ctx = Ctx::of(x);
+        let f = 1usize << self.down.len().saturating_sub(1);
+        let (_, _, ih, iw) = x.dims4()?;
+        if ih % f != 0 || iw % f != 0 {
+            candle_core::bail!(
+                "tiled encode: image {:?} must have sides divisible by f = {f}",
+                x.dims()
+            );
+        }
+        let mut core = tile.max(1) * f;
+        let img = HostMap::from_tensor(x)?;
+        let ch = self.conv_in.weight().dim(0)?;
+        let mut h = map_tiles(
+            &img,
+            ch,
+            core,
+            1,
+            Resample::Same,
+            &ctx,
+            "tiled encoder input",
+            |t, g| core_of(&self.conv_in.forward(t)?, g),
+        )?;
+        drop(img);
+        for level in &self.down {
+            h = level_blocks_shared(level, h, core, &ctx)?;
+            if let Some(down) = &level.resample {
+                let c = h.c;
+                // Cores start at even rows/columns (multiples of core = tile·2^k, k ≥ 1), and a margin of 2
+                // keeps crops even too, so the stride-2 grid of every crop is the global one.
+                h = map_tiles(
+                    &h,
+                    c,
+                    core,
+                    2,
+                    Resample::Down2,
+                    &ctx,
+                    "tiled Downsample",
+                    |t, g| {
+                        let y = down.forward(t)?;
+                        y.narrow(2, g.oy() / 2, g.ch() / 2)?
+                            .narrow(3, g.ox() / 2, g.cw() / 2)
+                    },
+                )?;
+                core /= 2;
+            }
+        }
+        let h = h.to_tensor(&ctx)?;
+        let h = self.mid.forward(&h)?;
+        self.conv_out
+            .forward(&swish(&self.norm_out.forward(&h)?)?)
     }
 }
 
