@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Peak RSS and wall time of the SD first-stage decode (KL-f8, random weights unless LDM_VAE_WEIGHTS names a
-# single-file checkpoint) at 1024² and 2048², tiled (TileConfig::default(): 64-latent = 512 px tiles, overlap
-# >= 16 latents) and whole. One decode per process (crates/ldm-pipeline/examples/vae_decode_rss.rs), so each
-# VmHWM belongs to one decode.
+# single-file checkpoint) at 1024² and 2048², whole and tiled in both modes (TileConfig::default(): 64-latent =
+# 512 px tiles): `shared64` (shared GroupNorm statistics, exact) and `indep64:16` (independent tiles blended
+# over >= 16-latent overlaps, approximate). One decode per process
+# (crates/ldm-pipeline/examples/vae_decode_rss.rs), so each VmHWM belongs to one decode.
 #
-#   tools/bench/vae_rss.sh                     # 1024 whole, 1024 tiled, 2048 tiled
+#   tools/bench/vae_rss.sh                     # 1024 whole + both tiled modes, 2048 both tiled modes
 #   LDM_VAE_RSS_SIZES="512 1024" tools/bench/vae_rss.sh
 #   LDM_VAE_RSS_WHOLE_2048=1 tools/bench/vae_rss.sh   # also 2048 whole: expect ~20+ GiB RSS (may be OOM-killed)
 #   LDM_BENCH_THREADS=4 tools/bench/vae_rss.sh
@@ -31,7 +32,7 @@ bin="${CARGO_TARGET_DIR:-target}/$dir/examples/vae_decode_rss"
 : > "$logdir/vae_rss_results.txt"
 run() {  # size mode-args...
     local size=$1; shift
-    local tag="${size}_${1:-whole}"; tag=${tag//[^A-Za-z0-9_]/}
+    local tag="${size}_${*:-whole}"; tag=${tag//[^A-Za-z0-9_]/}
     echo "== $size $* (load average: $(cut -d' ' -f1-3 /proc/loadavg))"
     "$bin" "$size" "$@" "${weights[@]}" 2>&1 | tee "$logdir/vae_rss_$tag.log"
     grep '^RESULT' "$logdir/vae_rss_$tag.log" >> "$logdir/vae_rss_results.txt" || true
@@ -39,6 +40,7 @@ run() {  # size mode-args...
 for s in $sizes; do
     if [[ "$s" -lt 2048 || -n "${LDM_VAE_RSS_WHOLE_2048:-}" ]]; then run "$s"; fi
     run "$s" --tiled
+    run "$s" --tiled --independent
 done
 
 awk '/^RESULT/ { for (i = 2; i <= NF; i++) { split($i, kv, "="); f[kv[1]] = kv[2] }

@@ -19,8 +19,8 @@ use ldm_models::autoencoder::tiled::axis_tiles;
 use candle_core::Shape;
 use candle_nn::var_builder::SimpleBackend;
 use ldm_models::autoencoder::{
-    tiled_decode, tiled_encode, AttnType, AutoencoderKl, AutoencoderKlConfig, DdConfig, TileConfig,
-    TileConfigError, TileMode,
+    tiled_decode, tiled_encode, AttnType, AutoencoderKl, AutoencoderKlConfig, DdConfig, FirstStage,
+    TileConfig, TileConfigError, TileMode, VqModel, VqModelConfig,
 };
 
 #[allow(dead_code)] // the shared helpers; this file uses `load` and `fixture` only
@@ -408,6 +408,53 @@ fn shared_norm_tiled_equals_untiled_up_to_rounding() -> Result<()> {
     Ok(())
 }
 
+/// The VQ fixtures of tools/fixtures/make_vq_tiny.py (as in tests/vq_parity.rs): `f4` (f = 4, attention
+/// inside level 2) and `f8-noattn` (f = 8, `attn_type: none`).
+fn vq_fixture(model: &str) -> Result<VqModel> {
+    let (ch_mult, attn_resolutions, z_channels, n_embed, attn_type) = match model {
+        "f4" => (vec![1, 1, 1], vec![8], 3, 64, AttnType::Vanilla),
+        _ => (vec![1, 1, 1, 1], vec![], 4, 32, AttnType::None),
+    };
+    let config = VqModelConfig {
+        embed_dim: 3,
+        n_embed,
+        ddconfig: DdConfig {
+            ch: 32,
+            out_ch: 3,
+            ch_mult,
+            num_res_blocks: 1,
+            attn_resolutions,
+            in_channels: 3,
+            resolution: 32,
+            z_channels,
+            double_z: false,
+            num_groups: 32,
+            attn_type,
+        },
+    };
+    let weights = load(&format!("vq-tiny/{model}/model.safetensors"))?;
+    let vb = VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu);
+    VqModel::new(&config, vb.pp("first_stage_model"))
+}
+
+/// The same exactness for the VQ first stage, through `FirstStage` (quantising on the whole latent).
+#[test]
+fn shared_norm_tiled_vq_equals_untiled_up_to_rounding() -> Result<()> {
+    for model in ["f4", "f8-noattn"] {
+        let stage = FirstStage::Vq(vq_fixture(model)?);
+        let f = stage.downsample_factor();
+        let x = synthetic_image(1, 80, 96)?;
+        let c = shared(16 / f * 2); // 32-pixel cores
+        let h = stage.encode(&x)?.mode().clone();
+        let ht = stage.encode_tiled(&x, &c)?.mode().clone();
+        let e_enc = max_abs(&ht, &h)?;
+        let e_dec = max_abs(&stage.decode_tiled(&h, &c)?, &stage.decode(&h)?)?;
+        eprintln!("vq {model}: shared-norm tiled vs untiled, max |Δ| encode {e_enc:.2e}, decode {e_dec:.2e}");
+        assert!(e_enc <= 1e-4 && e_dec <= 1e-4, "vq {model}: {e_enc} / {e_dec}");
+    }
+    Ok(())
+}
+
 /// The issue's bar at 256² (CI size): shared-norm tiled decode within 3/255 of untiled (max abs on [0, 1]
 /// images), with `TileConfig::default()` (64-latent tiles, here 2 × 2) and 32-latent tiles (4 × 4), on the
 /// latent of a natural photo (fixtures/tiled-vae/astronaut-512.png average-pooled to 256², encoded untiled)
@@ -452,9 +499,14 @@ fn check_issue_bar(halvings: usize) -> Result<()> {
         let t0 = std::time::Instant::now();
         let whole = vae.decode(z)?;
         let t_whole = t0.elapsed().as_secs_f32();
-        for c in [TileConfig::default(), shared(32)] {
+        let configs: &[TileConfig] = if what == "random latent" {
+            &[TileConfig::default()]
+        } else {
+            &[TileConfig::default(), shared(32)]
+        };
+        for c in configs {
             let t0 = std::time::Instant::now();
-            let y = vae.decode_tiled(z, &c)?;
+            let y = vae.decode_tiled(z, c)?;
             let t_tiled = t0.elapsed().as_secs_f32();
             let (max, mean) = image_err_255(&y, &whole)?;
             eprintln!(
