@@ -13,11 +13,11 @@
 //! - Degenerate configurations and mismatched networks are clear errors.
 use std::cell::Cell;
 
+use candle_core::Shape;
 use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 use ldm_models::autoencoder::tiled::axis_tiles;
-use candle_core::Shape;
-use candle_nn::var_builder::SimpleBackend;
 use ldm_models::autoencoder::{
     tiled_decode, tiled_encode, AttnType, AutoencoderKl, AutoencoderKlConfig, DdConfig, FirstStage,
     TileConfig, TileConfigError, TileMode, VqModel, VqModelConfig,
@@ -244,11 +244,9 @@ impl SimpleBackend for HashedWeights {
         dtype: DType,
         dev: &Device,
     ) -> Result<Tensor> {
-        let seed = name
-            .bytes()
-            .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-                (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
-            });
+        let seed = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+        });
         let dims = s.dims().to_vec();
         let n: usize = dims.iter().product();
         let u = hashed((1, 1, 1, n), seed)?.reshape(dims.as_slice())?;
@@ -403,7 +401,10 @@ fn shared_norm_tiled_equals_untiled_up_to_rounding() -> Result<()> {
         // The independent mode is a real alternative (and differs visibly on this small, non-stationary input).
         let ind = vae.decode_tiled(&z, &c.with_mode(TileMode::Independent))?;
         assert_eq!(ind.dims(), whole.dims());
-        assert!(max_abs(&ind, &whole)? > 1e-3, "{name}: independent tiles unexpectedly exact");
+        assert!(
+            max_abs(&ind, &whole)? > 1e-3,
+            "{name}: independent tiles unexpectedly exact"
+        );
     }
     Ok(())
 }
@@ -450,7 +451,10 @@ fn shared_norm_tiled_vq_equals_untiled_up_to_rounding() -> Result<()> {
         let e_enc = max_abs(&ht, &h)?;
         let e_dec = max_abs(&stage.decode_tiled(&h, &c)?, &stage.decode(&h)?)?;
         eprintln!("vq {model}: shared-norm tiled vs untiled, max |Δ| encode {e_enc:.2e}, decode {e_dec:.2e}");
-        assert!(e_enc <= 1e-4 && e_dec <= 1e-4, "vq {model}: {e_enc} / {e_dec}");
+        assert!(
+            e_enc <= 1e-4 && e_dec <= 1e-4,
+            "vq {model}: {e_enc} / {e_dec}"
+        );
     }
     Ok(())
 }
@@ -514,7 +518,10 @@ fn check_issue_bar(halvings: usize) -> Result<()> {
                  mean {mean:.5}/255 ({t_whole:.1} s untiled, {t_tiled:.1} s tiled)",
                 c.tile()
             );
-            assert!(max <= 3.0, "{what}: tiled decode differs by {max}/255 (bar 3/255)");
+            assert!(
+                max <= 3.0,
+                "{what}: tiled decode differs by {max}/255 (bar 3/255)"
+            );
         }
     }
     Ok(())
@@ -535,7 +542,10 @@ fn independent_tiles_are_approximate() -> Result<()> {
     assert!(max.is_finite() && max > 3.0);
     let ys = vae.decode_tiled(&z, &cfg(24, 8))?;
     let (smax, _) = image_err_255(&ys, &whole)?;
-    assert!(smax <= 0.05, "shared-norm 24-latent tiles differ by {smax}/255");
+    assert!(
+        smax <= 0.05,
+        "shared-norm 24-latent tiles differ by {smax}/255"
+    );
     Ok(())
 }
 

@@ -59,13 +59,7 @@ impl Norm {
     pub fn new(channels: usize, num_groups: usize, vb: VarBuilder) -> Result<Self> {
         let weight = vb.get(channels, "weight")?;
         let bias = vb.get(channels, "bias")?;
-        let gn = GroupNorm::new(
-            weight.clone(),
-            bias.clone(),
-            channels,
-            num_groups,
-            NORM_EPS,
-        )?;
+        let gn = GroupNorm::new(weight.clone(), bias.clone(), channels, num_groups, NORM_EPS)?;
         Ok(Self {
             gn,
             weight,

@@ -636,7 +636,11 @@ impl HostMap {
             .flatten_all()?
             .to_vec1::<f32>()?;
         let (h, w) = (self.h, self.w);
-        for (dst, src) in self.data.chunks_exact_mut(h * w).zip(v.chunks_exact(th * tw)) {
+        for (dst, src) in self
+            .data
+            .chunks_exact_mut(h * w)
+            .zip(v.chunks_exact(th * tw))
+        {
             for (i, row) in src.chunks_exact(tw).enumerate() {
                 dst[(y0 + i) * w + x0..(y0 + i) * w + x0 + tw].copy_from_slice(row);
             }
@@ -670,12 +674,11 @@ impl HostMap {
     }
 }
 
-/// `op` applied tile by tile to a map, with a margin of `pad` pixels per tile; `op` gets the crop and the
-/// tile geometry and returns the output for the core only (at `scale` = 2 or 1 output pixels per input
-/// pixel; `halve` halves it for a stride-2 downsample). The outputs are assembled into a new map.
+/// `op` applied tile by tile to a map (cores of side `core`), with a margin of `pad` pixels per tile; `op`
+/// gets the crop and the tile geometry and returns the output for the core only (the core's size changed
+/// by `scale`). The outputs are assembled into a new map, whose channel count is that of the outputs.
 fn map_tiles<F>(
     src: &HostMap,
-    out_c: usize,
     core: usize,
     pad: usize,
     scale: Resample,
@@ -687,13 +690,15 @@ where
     F: Fn(&Tensor, &Geom) -> Result<Tensor>,
 {
     let (oh, ow) = scale.out_size(src.h, src.w);
-    let mut out = HostMap::zeros(src.b, out_c, oh, ow);
+    let mut out: Option<HostMap> = None;
     for g in geoms(src.h, src.w, core, pad) {
         let y = op(&src.crop(&g, ctx)?, &g)?;
         let (y0, x0) = scale.out_pos(g.y0, g.x0);
-        out.write(&y, y0, x0, what)?;
+        let out_c = y.dim(1)?;
+        out.get_or_insert_with(|| HostMap::zeros(src.b, out_c, oh, ow))
+            .write(&y, y0, x0, what)?;
     }
-    Ok(out)
+    out.ok_or_else(|| candle_core::Error::Msg(format!("{what}: empty feature map")))
 }
 
 /// How a segment changes the resolution.
@@ -727,13 +732,12 @@ fn norm_swish_conv(
     x: &HostMap,
     norm: &Norm,
     conv: &Conv2d,
-    out_c: usize,
     core: usize,
     ctx: &Ctx,
     what: &str,
 ) -> Result<HostMap> {
     let stats = x.group_stats(norm.groups())?;
-    map_tiles(x, out_c, core, 1, Resample::Same, ctx, what, |t, g| {
+    map_tiles(x, core, 1, Resample::Same, ctx, what, |t, g| {
         let y = conv.forward(&swish(&norm.forward_with_stats(t, &stats)?)?)?;
         core_of(&y, g)
     })
@@ -748,7 +752,6 @@ fn resnet_shared(block: &ResnetBlock, x: HostMap, core: usize, ctx: &Ctx) -> Res
         &x,
         &block.norm1,
         &block.conv1,
-        out_c,
         core,
         ctx,
         "tiled ResnetBlock",
@@ -760,9 +763,9 @@ fn resnet_shared(block: &ResnetBlock, x: HostMap, core: usize, ctx: &Ctx) -> Res
     };
     let mut x = x;
     for g in geoms(h.h, h.w, core, 1) {
-        let r = block
-            .conv2
-            .forward(&swish(&block.norm2.forward_with_stats(&h.crop(&g, ctx)?, &stats)?)?)?;
+        let r = block.conv2.forward(&swish(
+            &block.norm2.forward_with_stats(&h.crop(&g, ctx)?, &stats)?,
+        )?)?;
         let r = core_of(&r, &g)?;
         let xc = x.core(&g, ctx)?;
         let y = match &block.nin_shortcut {
@@ -809,10 +812,8 @@ impl Decoder {
         for level in self.up.iter().rev() {
             x = level_blocks_shared(level, x, core, &ctx)?;
             if let Some(up) = &level.resample {
-                let c = x.c;
                 x = map_tiles(
                     &x,
-                    c,
                     core,
                     1,
                     Resample::Up2,
@@ -829,12 +830,10 @@ impl Decoder {
                 core *= 2;
             }
         }
-        let out_c = self.conv_out.weight().dim(0)?;
         let y = norm_swish_conv(
             &x,
             &self.norm_out,
             &self.conv_out,
-            out_c,
             core,
             &ctx,
             "tiled decoder output",
@@ -861,10 +860,8 @@ impl Encoder {
         }
         let mut core = tile.max(1) * f;
         let img = HostMap::from_tensor(x)?;
-        let ch = self.conv_in.weight().dim(0)?;
         let mut h = map_tiles(
             &img,
-            ch,
             core,
             1,
             Resample::Same,
@@ -876,12 +873,10 @@ impl Encoder {
         for level in &self.down {
             h = level_blocks_shared(level, h, core, &ctx)?;
             if let Some(down) = &level.resample {
-                let c = h.c;
                 // Cores start at even rows/columns (multiples of core = tile·2^k, k ≥ 1), and a margin of 2
                 // keeps crops even too, so the stride-2 grid of every crop is the global one.
                 h = map_tiles(
                     &h,
-                    c,
                     core,
                     2,
                     Resample::Down2,
@@ -898,8 +893,7 @@ impl Encoder {
         }
         let h = h.to_tensor(&ctx)?;
         let h = self.mid.forward(&h)?;
-        self.conv_out
-            .forward(&swish(&self.norm_out.forward(&h)?)?)
+        self.conv_out.forward(&swish(&self.norm_out.forward(&h)?)?)
     }
 }
 
