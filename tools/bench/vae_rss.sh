@@ -10,9 +10,13 @@
 #   LDM_VAE_RSS_WHOLE_2048=1 tools/bench/vae_rss.sh   # also 2048 whole: expect ~20+ GiB RSS (may be OOM-killed)
 #   LDM_BENCH_THREADS=4 tools/bench/vae_rss.sh
 #
-# Expect on 2 shared cores (from the measured 512² whole decode: 177 s, peak 1690 MiB with 323 MiB of weights,
-# dev profile, 2026-12-07): 1024² whole ~12-15 min and ~5.8 GiB; 1024² tiled (3x3 tiles of 512 px) ~27 min and
-# ~1.7 GiB; 2048² tiled (5x5 tiles) ~75 min and ~1.75 GiB; 2048² whole ~22 GiB (estimates, not measured).
+# Measured at 512² (test profile, 2 threads on 2 cores shared with other jobs, load ~5, 2026-12-07; 323 MiB of
+# weights included): whole 273 s / 1690 MiB; --tiled=32 shared 243 s / 1148 MiB (before the per-segment tile
+# cap; see the report); --tiled=32:8 --independent: see tools/bench/.out. Expect (estimates, not measured):
+# 1024² whole ~12-15 min and ~5.8 GiB; shared ~2 GiB of feature maps + weights + ~0.3 GiB tile working set;
+# independent (3x3 tiles of 512 px) ~27 min and ~1.7 GiB; 2048²: shared ~8.5 GiB, independent ~1.75 GiB,
+# whole ~22 GiB. At 512² the default 64-latent tile is the whole latent (decoded untiled): use
+# LDM_VAE_RSS_TILE=32 for a tiled 512² run.
 # Logs go to ${LDM_BENCH_LOGDIR:-tools/bench/.out}/vae_rss_*.log; the table is printed at the end.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -39,8 +43,8 @@ run() {  # size mode-args...
 }
 for s in $sizes; do
     if [[ "$s" -lt 2048 || -n "${LDM_VAE_RSS_WHOLE_2048:-}" ]]; then run "$s"; fi
-    run "$s" --tiled
-    run "$s" --tiled --independent
+    run "$s" "--tiled${LDM_VAE_RSS_TILE:+=$LDM_VAE_RSS_TILE}"
+    run "$s" "--tiled${LDM_VAE_RSS_TILE:+=$LDM_VAE_RSS_TILE}" --independent
 done
 
 awk '/^RESULT/ { for (i = 2; i <= NF; i++) { split($i, kv, "="); f[kv[1]] = kv[2] }

@@ -11,6 +11,7 @@
 //!   shared-GroupNorm-statistics mode (exact; `mode=shared64`); `--tiled=48:12` sets tile and overlap in latent
 //!   pixels (the overlap matters only with `--independent`).
 //! - `--independent`: with `--tiled`, the independent-tiles mode (approximate, blended; `mode=indep64:16`).
+//! - A latent that fits in one tile decodes untiled in both modes: at 512² (latent 64²) use `--tiled=32`.
 //! - `--weights`: a single-file LDM/SD checkpoint (safetensors) whose first stage lives under `--prefix`;
 //!   without it the weights are random (norm gains 1, everything else N(0, 0.02²): the cost of dense f32
 //!   kernels does not depend on the values).

@@ -3,13 +3,15 @@
 //!
 //! | mode | result | memory (f32) | how |
 //! |---|---|---|---|
-//! | [`TileMode::SharedNorm`] (default) | the untiled result up to float rounding (≈1e-5) | ~2–3 feature maps of the finest level on the host + one tile's working set | tiles in lockstep, GroupNorm statistics over the whole map |
+//! | [`TileMode::SharedNorm`] (default) | the untiled result up to float rounding (≈1e-5) | 2–3 feature maps of the finest level on the host + one tile's working set | tiles in lockstep, GroupNorm statistics over the whole map |
 //! | [`TileMode::Independent`] | approximate (per-tile GroupNorm statistics and attention) | one tile's working set + the output, independent of the image size | whole network per tile, outputs blended |
 //!
-//! For SD's decoder (f = 8, 128 channels at the finest level) the shared mode keeps 2 maps of 128·H·W
-//! floats (x and the block's inner activation; 3 where a ResNet block changes channels), i.e. ~256 MiB at
-//! 512², 1 GiB at 1024², 4 GiB at 2048²; the untiled decode's peak is several times that (every op's
-//! output plus the convolutions' unfolded inputs), the independent mode's stays at one 512-pixel tile.
+//! For SD's decoder (f = 8) the shared mode's largest moment is the first ResNet block of the finest level,
+//! which maps 256 to 128 channels: its input (256·H·W floats), inner activation and output (128·H·W each)
+//! live at once, 2 KiB per image pixel: 512 MiB at 512², 2 GiB at 1024², 8 GiB at 2048² (plus weights and
+//! one tile's working set). The untiled decode's peak is several times that (every op's output plus the
+//! convolutions' unfolded inputs; measured 1690 MiB at 512² with 323 MiB of weights); the independent
+//! mode's stays at one tile's working set plus the 3-channel output, whatever the image size.
 //!
 //! ## Shared-statistics mode
 //!
@@ -32,8 +34,9 @@
 //! With every segment's margin covering its receptive field, each core is computed from exactly the values
 //! the untiled pass uses, so the result equals the untiled one up to float rounding (summation order of the
 //! statistics; tests/tiled_vae.rs measures ~4e-6). No overlap and no blending are needed:
-//! [`TileConfig::overlap`] is unused in this mode, and the tile side only trades working-set size against
-//! per-tile overhead. The price is host memory for whole feature maps (table above), computing time about
+//! [`TileConfig::overlap`] is unused in this mode, and the tile side (`T·2^k` pixels at level `k`,
+//! capped per segment so that one tile's input holds at most 4 Mi floats) only trades working-set size
+//! against per-tile overhead. The price is host memory for whole feature maps (table above), computing time about
 //! that of the untiled pass plus ~1–2 % for the 1-pixel margins, and host↔device copies per segment.
 //!
 //! ## Independent mode
@@ -87,8 +90,8 @@ use super::vq::VqModel;
 pub enum TileMode {
     /// Tiles run in lockstep and share every GroupNorm's statistics (computed over the whole feature map);
     /// the parts at latent resolution (decoder `conv_in` + mid block, encoder mid block + `norm_out` +
-    /// `conv_out`) run untiled. Equals the untiled pass up to float rounding. Memory: about two feature maps
-    /// of the finest level on the host (f32) plus one tile's working set.
+    /// `conv_out`) run untiled. Equals the untiled pass up to float rounding. Memory: two to three feature
+    /// maps of the finest level on the host (f32) plus one tile's working set (module doc).
     #[default]
     SharedNorm,
     /// Every tile goes through the whole network on its own and the outputs are blended over the overlaps.
@@ -541,6 +544,20 @@ impl Geom {
     }
 }
 
+/// The most input floats (channels × crop pixels; × 4 for an upsampling segment) of one tile in the shared
+/// mode: 4 Mi floats, 16 MiB in f32, so that a 3x3 convolution's unfolded input stays near 150 MiB however
+/// large [`TileConfig::tile`] is. Cores are a partition with no blending, so their size changes nothing but
+/// speed and memory, and each segment may pick its own.
+const SHARED_TILE_FLOATS: usize = 1 << 22;
+
+/// The core side of a segment whose input has `channels` channels (`×4` given for an upsampling one): the
+/// level's core `core`, capped by [`SHARED_TILE_FLOATS`] and rounded down to even (a stride-2 segment needs
+/// even cores; at least 2).
+fn segment_core(core: usize, channels: usize) -> usize {
+    let cap = ((SHARED_TILE_FLOATS / channels.max(1)) as f64).sqrt() as usize;
+    core.min(cap).max(2) & !1
+}
+
 /// Cores of side `core` (the last ones shorter) partitioning `h × w`, each with a margin of `pad`.
 fn geoms(h: usize, w: usize, core: usize, pad: usize) -> Vec<Geom> {
     let core = core.max(1);
@@ -691,7 +708,12 @@ where
 {
     let (oh, ow) = scale.out_size(src.h, src.w);
     let mut out: Option<HostMap> = None;
-    for g in geoms(src.h, src.w, core, pad) {
+    let work_c = if scale == Resample::Up2 {
+        4 * src.c
+    } else {
+        src.c
+    };
+    for g in geoms(src.h, src.w, segment_core(core, work_c), pad) {
         let y = op(&src.crop(&g, ctx)?, &g)?;
         let (y0, x0) = scale.out_pos(g.y0, g.x0);
         let out_c = y.dim(1)?;
@@ -762,7 +784,7 @@ fn resnet_shared(block: &ResnetBlock, x: HostMap, core: usize, ctx: &Ctx) -> Res
         Some(_) => Some(HostMap::zeros(x.b, out_c, x.h, x.w)),
     };
     let mut x = x;
-    for g in geoms(h.h, h.w, core, 1) {
+    for g in geoms(h.h, h.w, segment_core(core, h.c.max(x.c)), 1) {
         let r = block.conv2.forward(&swish(
             &block.norm2.forward_with_stats(&h.crop(&g, ctx)?, &stats)?,
         )?)?;
@@ -873,8 +895,8 @@ impl Encoder {
         for level in &self.down {
             h = level_blocks_shared(level, h, core, &ctx)?;
             if let Some(down) = &level.resample {
-                // Cores start at even rows/columns (multiples of core = tile·2^k, k ≥ 1), and a margin of 2
-                // keeps crops even too, so the stride-2 grid of every crop is the global one.
+                // Cores start at even rows/columns (`segment_core` is even), and a margin of 2 keeps crops
+                // even too, so the stride-2 grid of every crop is the global one.
                 h = map_tiles(
                     &h,
                     core,
@@ -900,6 +922,18 @@ impl Encoder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn segment_cores_are_even_and_capped() {
+        // SD's finest level (256 input channels) with 512-pixel level cores: capped at 128 pixels.
+        assert_eq!(segment_core(512, 256), 128);
+        assert_eq!(segment_core(64, 512), 64);
+        for (core, c) in [(1, 3), (3, 3), (7, 4096), (100, 1 << 30), (2, 0)] {
+            let s = segment_core(core, c);
+            assert!(s >= 2 && s % 2 == 0, "core {core}, channels {c}: {s}");
+            assert!(s <= core.max(2), "core {core}, channels {c}: {s}");
+        }
+    }
 
     #[test]
     fn starts_cover_the_axis_with_full_tiles_and_at_least_the_overlap() {
