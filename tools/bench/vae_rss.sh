@@ -1,17 +1,22 @@
 #!/usr/bin/env bash
 # Peak RSS and wall time of the SD first-stage decode (KL-f8, random weights unless LDM_VAE_WEIGHTS names a
-# single-file checkpoint) at 1024² and 2048², tiled (TileConfig::default(): 64-latent = 512 px tiles, overlap
-# >= 16 latents) and whole. One decode per process (crates/ldm-pipeline/examples/vae_decode_rss.rs), so each
-# VmHWM belongs to one decode.
+# single-file checkpoint) at 1024² and 2048², whole and tiled in both modes (TileConfig::default(): 64-latent =
+# 512 px tiles): `shared64` (shared GroupNorm statistics, exact) and `indep64:16` (independent tiles blended
+# over >= 16-latent overlaps, approximate). One decode per process
+# (crates/ldm-pipeline/examples/vae_decode_rss.rs), so each VmHWM belongs to one decode.
 #
-#   tools/bench/vae_rss.sh                     # 1024 whole, 1024 tiled, 2048 tiled
+#   tools/bench/vae_rss.sh                     # 1024 whole + both tiled modes, 2048 both tiled modes
 #   LDM_VAE_RSS_SIZES="512 1024" tools/bench/vae_rss.sh
 #   LDM_VAE_RSS_WHOLE_2048=1 tools/bench/vae_rss.sh   # also 2048 whole: expect ~20+ GiB RSS (may be OOM-killed)
 #   LDM_BENCH_THREADS=4 tools/bench/vae_rss.sh
 #
-# Expect on 2 shared cores (from the measured 512² whole decode: 177 s, peak 1690 MiB with 323 MiB of weights,
-# dev profile, 2026-12-07): 1024² whole ~12-15 min and ~5.8 GiB; 1024² tiled (3x3 tiles of 512 px) ~27 min and
-# ~1.7 GiB; 2048² tiled (5x5 tiles) ~75 min and ~1.75 GiB; 2048² whole ~22 GiB (estimates, not measured).
+# Measured at 512² (test profile, 2 threads on 2 cores shared with other jobs, load ~5, 2026-12-07; 323 MiB of
+# weights included): whole 273 s / 1690 MiB; --tiled=32 (shared statistics, exact) 185 s / 953 MiB;
+# --tiled=32:8 --independent (3x3 blended tiles) 707 s / 729 MiB. Expect (estimates, not measured):
+# 1024² whole ~12-15 min and ~5.8 GiB; shared ~2 GiB of feature maps + weights + ~0.3 GiB tile working set;
+# independent (3x3 tiles of 512 px) ~27 min and ~1.7 GiB; 2048²: shared ~8.5 GiB, independent ~1.75 GiB,
+# whole ~22 GiB. At 512² the default 64-latent tile is the whole latent (decoded untiled): use
+# LDM_VAE_RSS_TILE=32 for a tiled 512² run.
 # Logs go to ${LDM_BENCH_LOGDIR:-tools/bench/.out}/vae_rss_*.log; the table is printed at the end.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -31,14 +36,15 @@ bin="${CARGO_TARGET_DIR:-target}/$dir/examples/vae_decode_rss"
 : > "$logdir/vae_rss_results.txt"
 run() {  # size mode-args...
     local size=$1; shift
-    local tag="${size}_${1:-whole}"; tag=${tag//[^A-Za-z0-9_]/}
+    local tag="${size}_${*:-whole}"; tag=${tag//[^A-Za-z0-9_]/}
     echo "== $size $* (load average: $(cut -d' ' -f1-3 /proc/loadavg))"
     "$bin" "$size" "$@" "${weights[@]}" 2>&1 | tee "$logdir/vae_rss_$tag.log"
     grep '^RESULT' "$logdir/vae_rss_$tag.log" >> "$logdir/vae_rss_results.txt" || true
 }
 for s in $sizes; do
     if [[ "$s" -lt 2048 || -n "${LDM_VAE_RSS_WHOLE_2048:-}" ]]; then run "$s"; fi
-    run "$s" --tiled
+    run "$s" "--tiled${LDM_VAE_RSS_TILE:+=$LDM_VAE_RSS_TILE}"
+    run "$s" "--tiled${LDM_VAE_RSS_TILE:+=$LDM_VAE_RSS_TILE}" --independent
 done
 
 awk '/^RESULT/ { for (i = 2; i <= NF; i++) { split($i, kv, "="); f[kv[1]] = kv[2] }

@@ -4,11 +4,14 @@
 //!
 //! ```text
 //! cargo run --release -p ldm-pipeline --example vae_decode_rss -- SIZE [--tiled[=TILE[:OVERLAP]]]
-//!     [--weights FILE.safetensors [--prefix first_stage_model]]
+//!     [--independent] [--weights FILE.safetensors [--prefix first_stage_model]]
 //! ```
 //! - `SIZE`: image side in pixels, a multiple of 8 (512, 1024, 2048, ...); the latent is `[1, 4, SIZE/8, SIZE/8]`.
-//! - `--tiled`: tiled decode with `TileConfig::default()` (64-latent tiles, overlap ≥ 16); `--tiled=48:12` sets
-//!   tile and overlap in latent pixels.
+//! - `--tiled`: tiled decode with `TileConfig::default()` (64-latent tiles, overlap ≥ 16) in the default
+//!   shared-GroupNorm-statistics mode (exact; `mode=shared64`); `--tiled=48:12` sets tile and overlap in latent
+//!   pixels (the overlap matters only with `--independent`).
+//! - `--independent`: with `--tiled`, the independent-tiles mode (approximate, blended; `mode=indep64:16`).
+//! - A latent that fits in one tile decodes untiled in both modes: at 512² (latent 64²) use `--tiled=32`.
 //! - `--weights`: a single-file LDM/SD checkpoint (safetensors) whose first stage lives under `--prefix`;
 //!   without it the weights are random (norm gains 1, everything else N(0, 0.02²): the cost of dense f32
 //!   kernels does not depend on the values).
@@ -21,7 +24,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Result, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
-use ldm_models::autoencoder::{AutoencoderKl, AutoencoderKlConfig, TileConfig};
+use ldm_models::autoencoder::{AutoencoderKl, AutoencoderKlConfig, TileConfig, TileMode};
 
 /// Every request answered with a random tensor (as benches/sd15.rs does).
 struct RandomWeights;
@@ -75,6 +78,7 @@ fn parse_args() -> std::result::Result<Args, String> {
     let mut tiles = None;
     let mut weights = None;
     let mut prefix = "first_stage_model".to_string();
+    let mut independent = false;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         if a == "--tiled" {
@@ -92,6 +96,8 @@ fn parse_args() -> std::result::Result<Args, String> {
                 None => t / 4,
             };
             tiles = Some(TileConfig::new(t, o).map_err(|e| format!("--tiled: {e}"))?);
+        } else if a == "--independent" {
+            independent = true;
         } else if a == "--weights" {
             weights = Some(PathBuf::from(it.next().ok_or("--weights needs a file")?));
         } else if a == "--prefix" {
@@ -108,9 +114,14 @@ fn parse_args() -> std::result::Result<Args, String> {
             size = Some(n);
         }
     }
+    if independent {
+        let t = tiles.ok_or("--independent needs --tiled")?;
+        tiles = Some(t.with_mode(TileMode::Independent));
+    }
     Ok(Args {
-        size: size
-            .ok_or("usage: vae_decode_rss SIZE [--tiled[=TILE[:OVERLAP]]] [--weights FILE]")?,
+        size: size.ok_or(
+            "usage: vae_decode_rss SIZE [--tiled[=TILE[:OVERLAP]] [--independent]] [--weights FILE]",
+        )?,
         tiles,
         weights,
         prefix,
@@ -158,7 +169,10 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
     }
     let peak = status_mib("VmHWM:");
     let mode = match &args.tiles {
-        Some(c) => format!("tiled{}:{}", c.tile(), c.overlap()),
+        Some(c) => match c.mode() {
+            TileMode::SharedNorm => format!("shared{}", c.tile()),
+            TileMode::Independent => format!("indep{}:{}", c.tile(), c.overlap()),
+        },
         None => "whole".into(),
     };
     let weights = args

@@ -238,10 +238,7 @@ pub fn decode_with(models: &SdModels, latents: &Tensor, mode: DecodeMode) -> Res
     let z = (latents / models.spec.latent_scale)?.to_dtype(models.dtype)?;
     let x = match mode {
         DecodeMode::Whole => models.first_stage.decode(&z)?,
-        DecodeMode::Tiled(cfg) => {
-            let f = models.spec.vae_factor();
-            ldm_models::autoencoder::tiled_decode(&z, f, &cfg, |t| models.first_stage.decode(t))?
-        }
+        DecodeMode::Tiled(cfg) => models.first_stage.decode_tiled(&z, &cfg)?,
     };
     Ok(((x.to_dtype(DType::F32)? / 2.0)? + 0.5)?.clamp(0f32, 1f32)?)
 }

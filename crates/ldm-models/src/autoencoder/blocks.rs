@@ -27,6 +27,100 @@ pub fn normalize(channels: usize, num_groups: usize, vb: VarBuilder) -> Result<G
     candle_nn::group_norm(num_groups, channels, NORM_EPS, vb)
 }
 
+/// Per-(batch element, group) mean and (biased) variance of a feature map, as GroupNorm computes them.
+/// Tiled first-stage passes compute them over the WHOLE map and hand them to every tile
+/// ([`Norm::forward_with_stats`]), so that tiles normalise exactly as the untiled pass does.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GroupStats {
+    /// Batch size `B`.
+    pub batch: usize,
+    /// Group count `G`.
+    pub groups: usize,
+    /// `B·G` means, batch-major.
+    pub mean: Vec<f64>,
+    /// `B·G` variances, batch-major.
+    pub var: Vec<f64>,
+}
+
+/// The first stage's GroupNorm ([`normalize`]) with its affine parameters at hand, so that it can also
+/// normalise with statistics computed elsewhere (over the whole image, while the input is one tile of it).
+#[derive(Debug, Clone)]
+pub struct Norm {
+    gn: GroupNorm,
+    weight: Tensor, // [C]
+    bias: Tensor,   // [C]
+    channels: usize,
+    groups: usize,
+    eps: f64,
+}
+
+impl Norm {
+    /// `Normalize(channels)` at `vb` (keys `weight`, `bias`).
+    pub fn new(channels: usize, num_groups: usize, vb: VarBuilder) -> Result<Self> {
+        let weight = vb.get(channels, "weight")?;
+        let bias = vb.get(channels, "bias")?;
+        let gn = GroupNorm::new(weight.clone(), bias.clone(), channels, num_groups, NORM_EPS)?;
+        Ok(Self {
+            gn,
+            weight,
+            bias,
+            channels,
+            groups: num_groups,
+            eps: NORM_EPS,
+        })
+    }
+
+    /// Number of groups.
+    pub fn groups(&self) -> usize {
+        self.groups
+    }
+
+    /// Normalises `x` `[B, C, H, W]` with the given per-(batch, group) statistics instead of its own:
+    /// `(x − μ_g)/√(σ²_g + ε)·γ_c + β_c`, evaluated as one per-channel scale and shift (f32 or wider).
+    pub fn forward_with_stats(&self, x: &Tensor, stats: &GroupStats) -> Result<Tensor> {
+        let (b, c, _, _) = x.dims4()?;
+        if c != self.channels || stats.groups != self.groups || stats.batch != b {
+            candle_core::bail!(
+                "GroupNorm with external statistics: input {:?} and statistics for {} × {} groups, \
+                 expected {} channels in {} groups",
+                x.dims(),
+                stats.batch,
+                stats.groups,
+                self.channels,
+                self.groups
+            );
+        }
+        let gamma = self.weight.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        let beta = self.bias.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        let per_group = c / self.groups;
+        let (mut scale, mut shift) = (Vec::with_capacity(b * c), Vec::with_capacity(b * c));
+        for bi in 0..b {
+            for ci in 0..c {
+                let g = bi * self.groups + ci / per_group;
+                let s = gamma[ci] / (stats.var[g] + self.eps).sqrt();
+                scale.push(s as f32);
+                shift.push((beta[ci] - stats.mean[g] * s) as f32);
+            }
+        }
+        let dt = match x.dtype() {
+            DType::F16 | DType::BF16 => DType::F32,
+            d => d,
+        };
+        let scale = Tensor::from_vec(scale, (b, c, 1, 1), x.device())?.to_dtype(dt)?;
+        let shift = Tensor::from_vec(shift, (b, c, 1, 1), x.device())?.to_dtype(dt)?;
+        x.to_dtype(dt)?
+            .broadcast_mul(&scale)?
+            .broadcast_add(&shift)?
+            .to_dtype(x.dtype())
+    }
+}
+
+impl Module for Norm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.gn.forward(x)
+    }
+}
+
 pub(crate) fn swish(x: &Tensor) -> Result<Tensor> {
     candle_nn::ops::silu(x)
 }
@@ -53,12 +147,12 @@ pub(crate) fn conv1x1(in_ch: usize, out_ch: usize, vb: VarBuilder) -> Result<Con
 /// `ResnetBlock` with `temb_channels = 0` (the first stage has no time embedding) and dropout off.
 #[derive(Debug, Clone)]
 pub struct ResnetBlock {
-    norm1: GroupNorm,
-    conv1: Conv2d,
-    norm2: GroupNorm,
-    conv2: Conv2d,
+    pub(crate) norm1: Norm,
+    pub(crate) conv1: Conv2d,
+    pub(crate) norm2: Norm,
+    pub(crate) conv2: Conv2d,
     /// `nin_shortcut`, a 1x1 conv, present only when the channel count changes.
-    nin_shortcut: Option<Conv2d>,
+    pub(crate) nin_shortcut: Option<Conv2d>,
 }
 
 impl ResnetBlock {
@@ -69,9 +163,9 @@ impl ResnetBlock {
             None
         };
         Ok(Self {
-            norm1: normalize(in_ch, num_groups, vb.pp("norm1"))?,
+            norm1: Norm::new(in_ch, num_groups, vb.pp("norm1"))?,
             conv1: conv3x3(in_ch, out_ch, 1, 1, vb.pp("conv1"))?,
-            norm2: normalize(out_ch, num_groups, vb.pp("norm2"))?,
+            norm2: Norm::new(out_ch, num_groups, vb.pp("norm2"))?,
             conv2: conv3x3(out_ch, out_ch, 1, 1, vb.pp("conv2"))?,
             nin_shortcut,
         })
@@ -196,7 +290,7 @@ pub(crate) fn chunked_attention(
 /// conv with stride 2 and no padding (`H -> H/2` for even `H`).
 #[derive(Debug, Clone)]
 pub struct Downsample {
-    conv: Conv2d,
+    pub(crate) conv: Conv2d,
 }
 
 impl Downsample {
@@ -220,7 +314,7 @@ impl Module for Downsample {
 /// `Upsample(with_conv=True)`: nearest-neighbour ×2, then a 3x3 conv with padding 1.
 #[derive(Debug, Clone)]
 pub struct Upsample {
-    conv: Conv2d,
+    pub(crate) conv: Conv2d,
 }
 
 impl Upsample {

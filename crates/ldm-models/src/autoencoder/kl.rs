@@ -106,8 +106,24 @@ impl AutoencoderKl {
         &self.config
     }
 
-    /// Image `[B, in_channels, H, W]` in [−1, 1] (H, W multiples of `f`) → posterior over `[B, embed_dim, H/f, W/f]`.
-    pub fn encode(&self, x: &Tensor) -> Result<DiagonalGaussian> {
+    pub(crate) fn encoder(&self) -> &Encoder {
+        &self.encoder
+    }
+
+    pub(crate) fn decoder(&self) -> &Decoder {
+        &self.decoder
+    }
+
+    pub(crate) fn quant_conv(&self) -> &Conv2d {
+        &self.quant_conv
+    }
+
+    pub(crate) fn post_quant_conv(&self) -> &Conv2d {
+        &self.post_quant_conv
+    }
+
+    /// Checks an image for [`AutoencoderKl::encode`]: `in_channels` channels, sides multiples of `f`.
+    pub(crate) fn check_image(&self, x: &Tensor) -> Result<()> {
         let (_, c, h, w) = x.dims4()?;
         let dd = &self.config.ddconfig;
         let f = dd.downsample_factor();
@@ -117,12 +133,11 @@ impl AutoencoderKl {
                 dd.in_channels
             );
         }
-        let moments = self.quant_conv.forward(&self.encoder.forward(x)?)?; // [B, 2·embed_dim, H/f, W/f]
-        DiagonalGaussian::from_moments(&moments)
+        Ok(())
     }
 
-    /// Unscaled latent `[B, embed_dim, h, w]` → image `[B, out_ch, f·h, f·w]` (roughly in [−1, 1]).
-    pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
+    /// Checks a latent for [`AutoencoderKl::decode`]: `embed_dim` channels.
+    pub(crate) fn check_latent<'a>(&self, z: &'a Tensor) -> Result<&'a Tensor> {
         let c = z.dim(1)?;
         if c != self.config.embed_dim {
             candle_core::bail!(
@@ -130,6 +145,19 @@ impl AutoencoderKl {
                 self.config.embed_dim
             );
         }
+        Ok(z)
+    }
+
+    /// Image `[B, in_channels, H, W]` in [−1, 1] (H, W multiples of `f`) → posterior over `[B, embed_dim, H/f, W/f]`.
+    pub fn encode(&self, x: &Tensor) -> Result<DiagonalGaussian> {
+        self.check_image(x)?;
+        let moments = self.quant_conv.forward(&self.encoder.forward(x)?)?; // [B, 2·embed_dim, H/f, W/f]
+        DiagonalGaussian::from_moments(&moments)
+    }
+
+    /// Unscaled latent `[B, embed_dim, h, w]` → image `[B, out_ch, f·h, f·w]` (roughly in [−1, 1]).
+    pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
+        self.check_latent(z)?;
         self.decoder.forward(&self.post_quant_conv.forward(z)?)
     }
 }

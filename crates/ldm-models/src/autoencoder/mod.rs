@@ -14,5 +14,5 @@ pub use first_stage::{Encoded, FirstStage};
 pub use kl::{AutoencoderKl, AutoencoderKlConfig, DiagonalGaussian};
 pub use model::{AttnType, DdConfig, Decoder, Encoder};
 pub use quantize::{Quantized, VectorQuantizer};
-pub use tiled::{tiled_decode, tiled_encode, TileConfig, TileConfigError};
+pub use tiled::{tiled_decode, tiled_encode, TileConfig, TileConfigError, TileMode};
 pub use vq::{VqModel, VqModelConfig};

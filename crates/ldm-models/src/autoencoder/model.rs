@@ -14,10 +14,10 @@
 //! | `double_z`         | the encoder emits `2·z_channels` (mean and log-variance)                   |
 //! | `attn_type`        | `vanilla` (AttnBlock) or `none` (no attention at all, not even `mid.attn_1`) |
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, GroupNorm, VarBuilder};
+use candle_nn::{Conv2d, VarBuilder};
 use serde::{Deserialize, Serialize};
 
-use super::blocks::{conv3x3, normalize, swish, AttnBlock, Downsample, ResnetBlock, Upsample};
+use super::blocks::{conv3x3, swish, AttnBlock, Downsample, Norm, ResnetBlock, Upsample};
 
 fn default_num_groups() -> usize {
     32
@@ -104,10 +104,10 @@ impl DdConfig {
 
 /// The ResNet blocks, attention blocks and resampler of one level (`down.N` / `up.N`).
 #[derive(Debug, Clone)]
-struct Level<R> {
-    blocks: Vec<ResnetBlock>,
-    attns: Vec<AttnBlock>, // empty or one per block
-    resample: Option<R>,
+pub(crate) struct Level<R> {
+    pub(crate) blocks: Vec<ResnetBlock>,
+    pub(crate) attns: Vec<AttnBlock>, // empty or one per block
+    pub(crate) resample: Option<R>,
 }
 
 impl<R: Module> Level<R> {
@@ -127,7 +127,7 @@ impl<R: Module> Level<R> {
 
 /// `mid.{block_1, attn_1, block_2}`; `attn_1` is absent (an identity without weights) for `attn_type: none`.
 #[derive(Debug, Clone)]
-struct Mid {
+pub(crate) struct Mid {
     block_1: ResnetBlock,
     attn_1: Option<AttnBlock>,
     block_2: ResnetBlock,
@@ -147,7 +147,7 @@ impl Mid {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = self.block_1.forward(x)?;
         let h = match &self.attn_1 {
             Some(attn) => attn.forward(&h)?,
@@ -160,11 +160,11 @@ impl Mid {
 /// The first-stage encoder: image `[B, in_channels, H, W]` → `[B, (2·)z_channels, H/f, W/f]`.
 #[derive(Debug, Clone)]
 pub struct Encoder {
-    conv_in: Conv2d,
-    down: Vec<Level<Downsample>>,
-    mid: Mid,
-    norm_out: GroupNorm,
-    conv_out: Conv2d,
+    pub(crate) conv_in: Conv2d,
+    pub(crate) down: Vec<Level<Downsample>>,
+    pub(crate) mid: Mid,
+    pub(crate) norm_out: Norm,
+    pub(crate) conv_out: Conv2d,
 }
 
 impl Encoder {
@@ -205,7 +205,7 @@ impl Encoder {
             conv_in,
             down,
             mid: Mid::new(block_in, cfg, vb.pp("mid"))?,
-            norm_out: normalize(block_in, g, vb.pp("norm_out"))?,
+            norm_out: Norm::new(block_in, g, vb.pp("norm_out"))?,
             conv_out: conv3x3(block_in, z_out, 1, 1, vb.pp("conv_out"))?,
         })
     }
@@ -225,12 +225,12 @@ impl Module for Encoder {
 /// The first-stage decoder: latent `[B, z_channels, h, w]` → image `[B, out_ch, f·h, f·w]`.
 #[derive(Debug, Clone)]
 pub struct Decoder {
-    conv_in: Conv2d,
-    mid: Mid,
+    pub(crate) conv_in: Conv2d,
+    pub(crate) mid: Mid,
     /// `up.0 .. up.{L-1}` in key order (finest first); `forward` runs them in reverse.
-    up: Vec<Level<Upsample>>,
-    norm_out: GroupNorm,
-    conv_out: Conv2d,
+    pub(crate) up: Vec<Level<Upsample>>,
+    pub(crate) norm_out: Norm,
+    pub(crate) conv_out: Conv2d,
 }
 
 impl Decoder {
@@ -274,7 +274,7 @@ impl Decoder {
             conv_in,
             mid,
             up,
-            norm_out: normalize(block_in, g, vb.pp("norm_out"))?,
+            norm_out: Norm::new(block_in, g, vb.pp("norm_out"))?,
             conv_out: conv3x3(block_in, cfg.out_ch, 1, 1, vb.pp("conv_out"))?,
         })
     }

@@ -156,6 +156,16 @@ impl VqModel {
         &self.config
     }
 
+    /// Encoder, decoder, `quant_conv` and `post_quant_conv`, for the tiled passes (autoencoder/tiled.rs).
+    pub(crate) fn parts(&self) -> (&Encoder, &Decoder, &Conv2d, &Conv2d) {
+        (
+            &self.encoder,
+            &self.decoder,
+            &self.quant_conv,
+            &self.post_quant_conv,
+        )
+    }
+
     /// The quantiser (codebook access).
     pub fn quantizer(&self) -> &VectorQuantizer {
         &self.quantize
