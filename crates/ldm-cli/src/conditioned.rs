@@ -47,6 +47,10 @@ pub struct SampleArgs {
     /// Initial latent noise: float32 .npy of shape [batch, C, H/f, W/f], unit variance.
     #[arg(long, value_name = "FILE.npy")]
     noise: Option<PathBuf>,
+    /// Decode in tiles of this many pixels (shared GroupNorm statistics: same image, far less memory), for
+    /// large images.
+    #[arg(long, value_name = "PX")]
+    tile_vae: Option<usize>,
     #[arg(long, short, default_value = "ldm-output.png")]
     output: PathBuf,
 }
@@ -114,6 +118,7 @@ impl SampleArgs {
             seed: self.seed,
             batch: self.batch,
             noise: self.noise.clone(),
+            tile_vae: self.tile_vae,
         }
     }
     fn model(&self) -> anyhow::Result<PathBuf> {

@@ -52,6 +52,10 @@ pub struct ImageGenArgs {
     /// img2img (A1111's), 1 for inpaint (diffusers').
     #[arg(long)]
     strength: Option<f64>,
+    /// Decode in tiles of this many pixels (shared GroupNorm statistics: same image, far less memory), for
+    /// large images.
+    #[arg(long, value_name = "PX")]
+    tile_vae: Option<usize>,
     #[arg(long, short, default_value = "ldm-output.png")]
     output: PathBuf,
 }
@@ -103,6 +107,7 @@ impl ImageGenArgs {
                 eta: self.eta,
                 seed: self.seed,
                 batch: self.batch,
+                tile_vae: self.tile_vae,
                 ..GenerateRequest::default()
             },
             strength: self.strength.unwrap_or(default_strength),

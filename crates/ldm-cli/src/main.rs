@@ -92,6 +92,10 @@ struct Txt2imgArgs {
     /// Initial latent noise: float32 .npy of shape [batch, C, H/f, W/f], unit variance.
     #[arg(long, value_name = "FILE.npy")]
     noise: Option<PathBuf>,
+    /// Decode in tiles of this many pixels (shared GroupNorm statistics: same image, far less memory), for
+    /// large images.
+    #[arg(long, value_name = "PX")]
+    tile_vae: Option<usize>,
     #[arg(long, short, default_value = "ldm-output.png")]
     output: PathBuf,
 }
@@ -141,6 +145,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 seed: a.seed,
                 batch: a.batch,
                 noise: a.noise,
+                tile_vae: a.tile_vae,
             };
             txt2img::run(&model, config_override(&a.config).as_ref(), &req, &a.output)
         }

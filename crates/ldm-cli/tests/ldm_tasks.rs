@@ -269,3 +269,57 @@ fn upscale_makes_an_image_f_times_larger() -> R {
     assert!(!o2.exists());
     Ok(())
 }
+
+#[test]
+fn tiled_decode_flag_gives_the_same_image() -> R {
+    let dir = tempfile::tempdir()?;
+    let model = fixture("sd1-tiny/model.safetensors");
+    let run = |name: &str, extra: &[&str]| -> R<ldm_core::image::RgbImage> {
+        let out = dir.path().join(name);
+        let mut args = vec![
+            "txt2img",
+            "--model",
+            &model,
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--steps",
+            "3",
+            "--seed",
+            "2",
+            "-o",
+            out.to_str().ok_or("path")?,
+            "a red apple",
+        ];
+        args.extend_from_slice(extra);
+        let o = ldm(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        Ok(ldm_core::image::RgbImage::load(&out)?)
+    };
+    let whole = run("whole.png", &[])?;
+    let tiled = run("tiled.png", &["--tile-vae", "32"])?;
+    let worst = whole
+        .data
+        .iter()
+        .zip(&tiled.data)
+        .map(|(a, b)| a.abs_diff(*b))
+        .max()
+        .unwrap_or(0);
+    assert!(worst <= 1, "tiled decode differs by {worst}/255");
+    let o = dir.path().join("x.png");
+    assert_usage_error(
+        &ldm(&[
+            "txt2img",
+            "--model",
+            &model,
+            "--tile-vae",
+            "15",
+            "-o",
+            o.to_str().ok_or("p")?,
+            "x",
+        ]),
+        "tile_vae",
+    );
+    Ok(())
+}

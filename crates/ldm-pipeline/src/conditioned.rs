@@ -24,7 +24,7 @@ use crate::img2img::randn;
 use crate::models::{CondModel, SdModels};
 use crate::request::ValidRequest;
 use crate::spec::ConcatSpec;
-use crate::txt2img::{decode, initial_noise, Generated, Progress, Sampling};
+use crate::txt2img::{decode_with, initial_noise, Generated, Progress, Sampling};
 
 /// What a sample is conditioned on, beyond the request's prompt.
 #[derive(Debug, Clone)]
@@ -308,6 +308,6 @@ pub fn sample_with_rng(
         extra,
     };
     let latents = sampler.run(latents, rng, None, progress)?;
-    let images = decode(models, &latents)?;
+    let images = decode_with(models, &latents, req.decode)?;
     Ok(Generated { latents, images })
 }

@@ -23,7 +23,7 @@ use ldm_sampling::{add_noise, prepare_img2img, Plan};
 use crate::error::{PipelineError, Result};
 use crate::models::SdModels;
 use crate::request::ValidImageRequest;
-use crate::txt2img::{decode, prompt_context, Generated, Progress, Sampling};
+use crate::txt2img::{decode_with, prompt_context, Generated, Progress, Sampling};
 
 /// The plan of `req` (its sampler started at its strength).
 pub(crate) fn image_plan(models: &SdModels, req: &ValidImageRequest) -> Result<Plan> {
@@ -121,6 +121,6 @@ pub fn img2img(
         extra: None,
     };
     let latents = sampler.run(latents, &mut rng, None, progress)?;
-    let images = decode(models, &latents)?;
+    let images = decode_with(models, &latents, req.base.decode)?;
     Ok(Generated { latents, images })
 }

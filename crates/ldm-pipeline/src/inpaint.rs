@@ -29,7 +29,7 @@ use crate::mask::Mask;
 use crate::models::SdModels;
 use crate::request::ValidImageRequest;
 use crate::spec::InpaintConcat;
-use crate::txt2img::{decode, initial_noise, prompt_context, Generated, Progress, Sampling};
+use crate::txt2img::{decode_with, initial_noise, prompt_context, Generated, Progress, Sampling};
 
 /// An inpainting input: the image and its mask, of one size (after any outpainting padding).
 #[derive(Debug, Clone, PartialEq)]
@@ -170,7 +170,7 @@ pub fn inpaint(
         };
         sampler(None).run(latents, &mut rng, Some(&known), progress)?
     };
-    let images = decode(models, &latents)?;
+    let images = decode_with(models, &latents, req.base.decode)?;
     Ok(Generated { latents, images })
 }
 
@@ -306,7 +306,7 @@ pub fn ldm_inpaint(
         extra: Some(extra),
     };
     let latents = sampler.run(latents, &mut rng, None, progress)?;
-    let predicted = decode(models, &latents)?; // [B, 3, H, W] in [0, 1]
+    let predicted = decode_with(models, &latents, req.base.decode)?; // [B, 3, H, W] in [0, 1]
 
     // inpainted = (1 − mask)·image + mask·predicted_image
     let image01 = image01.clamp(0f32, 1f32)?;

@@ -6,6 +6,8 @@ use ldm_sampling::SamplerKind;
 
 use crate::error::{PipelineError, Result};
 use crate::spec::ModelSpec;
+use crate::txt2img::DecodeMode;
+use ldm_models::autoencoder::TileConfig;
 
 /// Largest side accepted, in pixels; a guard against requests that would exhaust memory by accident.
 pub const MAX_SIDE: usize = 8192;
@@ -29,6 +31,9 @@ pub struct GenerateRequest {
     pub batch: usize,
     /// A float32 `.npy` of the initial latent noise, unit variance, [batch, C, H/f, W/f].
     pub noise: Option<PathBuf>,
+    /// Decode in tiles of this side (pixels) with shared GroupNorm statistics, for images too large to decode
+    /// in one pass (`ldm_models::autoencoder::tiled`); None: one pass.
+    pub tile_vae: Option<usize>,
 }
 
 impl Default for GenerateRequest {
@@ -46,6 +51,7 @@ impl Default for GenerateRequest {
             seed: None,
             batch: 1,
             noise: None,
+            tile_vae: None,
         }
     }
 }
@@ -65,6 +71,8 @@ pub struct ValidRequest {
     pub seed: u64,
     pub batch: usize,
     pub noise: Option<PathBuf>,
+    /// How the final latents are decoded.
+    pub decode: DecodeMode,
 }
 
 impl GenerateRequest {
@@ -140,6 +148,13 @@ impl GenerateRequest {
         };
         let width = side(self.width, "width")?;
         let height = side(self.height, "height")?;
+        let decode = match self.tile_vae {
+            None => DecodeMode::Whole,
+            Some(px) => DecodeMode::Tiled(
+                TileConfig::from_pixels(px, spec.vae_factor())
+                    .map_err(|e| PipelineError::invalid("tile_vae", e.to_string()))?,
+            ),
+        };
         Ok(ValidRequest {
             prompt: self.prompt.clone(),
             negative_prompt: self.negative_prompt.clone(),
@@ -153,6 +168,7 @@ impl GenerateRequest {
             seed: self.seed.unwrap_or(random_seed),
             batch: self.batch,
             noise: self.noise.clone(),
+            decode,
         })
     }
 }

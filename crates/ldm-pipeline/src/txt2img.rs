@@ -144,7 +144,7 @@ pub fn txt2img_with_rng(
         extra: None,
     };
     let latents = sampler.run(latents, rng, None, progress)?;
-    let images = decode(models, &latents)?;
+    let images = decode_with(models, &latents, req.decode)?;
     Ok(Generated { latents, images })
 }
 

@@ -34,6 +34,7 @@ fn request(side: usize, seed: u64) -> R<ValidRequest> {
         seed,
         batch: 1,
         noise: None,
+        decode: Default::default(),
     })
 }
 

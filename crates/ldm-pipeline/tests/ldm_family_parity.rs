@@ -87,6 +87,7 @@ fn request(c: &Value, noise: Option<PathBuf>) -> R<GenerateRequest> {
         seed: c["seed"].as_u64(),
         batch: c["batch"].as_u64().ok_or("batch")? as usize,
         noise,
+        tile_vae: None,
     })
 }
 

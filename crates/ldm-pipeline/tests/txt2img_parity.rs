@@ -107,6 +107,7 @@ fn check_model(model_dir: &str, form: &str) -> R {
             seed: c.seed.unwrap_or(0),
             batch: c.batch,
             noise,
+            decode: Default::default(),
         };
         let out = txt2img(&models, &req, &mut |_, _| {})?;
         let lat = max_ratio(
@@ -178,6 +179,7 @@ fn single_file_ckpt_and_diffusers_folder_give_identical_images() -> R {
         seed: 3,
         batch: 1,
         noise: None,
+        decode: Default::default(),
     };
     let run = |form: &str| -> R<Vec<f32>> {
         let models = SdModels::build(
