@@ -31,7 +31,7 @@ if [[ -n "${LDM_VAE_WEIGHTS:-}" ]]; then weights=(--weights "$LDM_VAE_WEIGHTS");
 echo "== building example vae_decode_rss (profile $profile) ..."
 cargo build -q --profile "$profile" -p ldm-pipeline --example vae_decode_rss
 dir=$([[ "$profile" == dev || "$profile" == test ]] && echo debug || echo "$profile")
-bin="${CARGO_TARGET_DIR:-target}/$dir/examples/vae_decode_rss"
+bin="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/$dir/examples/vae_decode_rss"
 
 : > "$logdir/vae_rss_results.txt"
 run() {  # size mode-args...
