@@ -20,14 +20,28 @@ pub enum PipelineError {
     Core(#[from] ldm_core::Error),
     #[error(transparent)]
     Ckpt(#[from] ldm_core::ckpt::CkptError),
+    /// Boxed, like [`PipelineError::Config`]: both are large and rare, and every `Result` of the pipeline
+    /// carries this type.
     #[error(transparent)]
-    Load(#[from] ldm_core::weights::LoadReport),
+    Load(Box<ldm_core::weights::LoadReport>),
     #[error(transparent)]
-    Config(#[from] ldm_models::original_config::ConfigError),
+    Config(Box<ldm_models::original_config::ConfigError>),
     #[error("{0}")]
     Model(String),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+}
+
+impl From<ldm_core::weights::LoadReport> for PipelineError {
+    fn from(e: ldm_core::weights::LoadReport) -> Self {
+        PipelineError::Load(Box::new(e))
+    }
+}
+
+impl From<ldm_models::original_config::ConfigError> for PipelineError {
+    fn from(e: ldm_models::original_config::ConfigError) -> Self {
+        PipelineError::Config(Box::new(e))
+    }
 }
 
 impl PipelineError {

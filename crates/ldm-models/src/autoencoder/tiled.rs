@@ -930,7 +930,10 @@ mod tests {
         assert_eq!(segment_core(64, 512), 64);
         for (core, c) in [(1, 3), (3, 3), (7, 4096), (100, 1 << 30), (2, 0)] {
             let s = segment_core(core, c);
-            assert!(s >= 2 && s % 2 == 0, "core {core}, channels {c}: {s}");
+            assert!(
+                s >= 2 && s.is_multiple_of(2),
+                "core {core}, channels {c}: {s}"
+            );
             assert!(s <= core.max(2), "core {core}, channels {c}: {s}");
         }
     }
