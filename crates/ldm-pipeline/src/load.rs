@@ -112,8 +112,11 @@ fn finish_single_file(
         };
         let described = crate::spec::original_family(&cfg);
         match &detected {
-            Ok(found) if *found != described => return Err(mismatch(described, *found)),
-            Err(reason) if described != Family::Ldm && !reason.starts_with("an original") => {
+            // Without a text encoder the weights say nothing the YAML could contradict.
+            Ok(found) if *found != described && *found != Family::Ldm => {
+                return Err(mismatch(described, *found))
+            }
+            Err(reason) if described != Family::Ldm => {
                 return Err(PipelineError::Unsupported {
                     path: path.clone(),
                     reason: reason.clone(),
@@ -135,6 +138,12 @@ fn finish_single_file(
                 path: path.clone(),
                 reason,
             })?;
+            if family == Family::Ldm {
+                return Err(PipelineError::Unsupported {
+                    path: path.clone(),
+                    reason: crate::spec::LDM_NEEDS_CONFIG.into(),
+                });
+            }
             match config {
                 Some(ConfigOverride::Preset(f, _)) if *f != family => {
                     return Err(mismatch(*f, family))

@@ -266,7 +266,12 @@ pub fn original_family(cfg: &OriginalConfig) -> Family {
     }
 }
 
-/// The family of a single file, from its keys.
+/// Why an original LDM checkpoint cannot be opened without its YAML.
+pub const LDM_NEEDS_CONFIG: &str = "an original latent-diffusion checkpoint without a CLIP/OpenCLIP text encoder; \
+     its architecture is not in the weights: pass its config.yaml with --config, or put <name>.yaml beside it";
+
+/// The family of a single file, from its keys: SD 1.x/2.x by their text encoders, [`Family::Ldm`] for any other
+/// latent diffusion model (whose architecture only its YAML gives).
 pub fn detect_family(store: &WeightStore) -> std::result::Result<Family, String> {
     if store.contains(&format!("{CLIP_PREFIX}.embeddings.token_embedding.weight")) {
         return Ok(Family::Sd1);
@@ -287,9 +292,7 @@ pub fn detect_family(store: &WeightStore) -> std::result::Result<Family, String>
         .keys()
         .any(|k| k.starts_with("model.diffusion_model."))
     {
-        return Err("an original latent-diffusion checkpoint without a CLIP/OpenCLIP text encoder; its architecture \
-                    is not in the weights: pass its config.yaml with --config, or put <name>.yaml beside it"
-            .into());
+        return Ok(Family::Ldm);
     }
     let first: Vec<&str> = store.keys().take(3).collect();
     Err(format!(

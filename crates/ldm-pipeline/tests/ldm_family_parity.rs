@@ -219,3 +219,25 @@ fn wrong_conditions_are_named_errors() -> R {
     assert!(e.contains("class label"), "{e}");
     Ok(())
 }
+
+#[test]
+fn original_ldm_without_its_yaml_asks_for_it() -> R {
+    let tmp = tempfile::tempdir()?;
+    let file = tmp.path().join("cin.safetensors");
+    std::fs::copy(fixture("ldm-cin-tiny/model.safetensors"), &file)?;
+    let e = match open(&file, None) {
+        Ok(_) => return Err("opened without a config".into()),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        e.contains("config.yaml") && e.contains("cin.safetensors"),
+        "{e}"
+    );
+    // With the YAML beside it, it opens.
+    std::fs::copy(
+        fixture("ldm-cin-tiny/model.yaml"),
+        tmp.path().join("cin.yaml"),
+    )?;
+    assert!(open(&file, None).is_ok());
+    Ok(())
+}
