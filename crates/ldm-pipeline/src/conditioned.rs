@@ -123,6 +123,16 @@ pub fn sample_with_rng(
             ),
         )
     };
+    if !req.prompt.is_empty() && !spec.takes_prompt() {
+        return Err(PipelineError::invalid(
+            "prompt",
+            format!(
+                "{} is conditioned on {}, not on text",
+                spec.describe(),
+                spec.conditioning()
+            ),
+        ));
+    }
     let plan = prepare(req.sampler, &spec.scheduler, req.steps, req.karras, req.eta)
         .map_err(|e| PipelineError::invalid("sampler", e.to_string()))?;
 
@@ -288,16 +298,6 @@ pub fn sample_with_rng(
         }
         _ => return Err(mismatch()),
     };
-    if !req.prompt.is_empty() && !spec.takes_prompt() {
-        return Err(PipelineError::invalid(
-            "prompt",
-            format!(
-                "{} is conditioned on {}, not on text",
-                spec.describe(),
-                spec.conditioning()
-            ),
-        ));
-    }
     let latents = (noise * plan.init_noise_sigma)?;
     let sampler = Sampling {
         plan: &plan,
