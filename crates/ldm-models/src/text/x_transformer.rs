@@ -63,6 +63,22 @@ pub struct XTransformerConfig {
     pub ff_inner: usize,
 }
 
+impl XTransformerConfig {
+    /// The encoder of the LDM paper's `BERTEmbedder`/`TransformerEmbedder`: x-transformers' `Encoder(dim,
+    /// depth)` with its defaults — 8 heads of 64 and a 4× feed-forward.
+    pub fn paper(vocab_size: usize, max_seq_len: usize, dim: usize, depth: usize) -> Self {
+        Self {
+            vocab_size,
+            max_seq_len,
+            dim,
+            depth,
+            heads: 8,
+            dim_head: 64,
+            ff_inner: 4 * dim,
+        }
+    }
+}
+
 /// Errors of [`XTransformerConfig::infer`] and [`XTransformerConfig::check`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum XTransformerConfigError {
