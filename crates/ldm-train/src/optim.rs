@@ -19,7 +19,7 @@
 //! On the CPU with f32 parameters the step runs element by element in exactly this arithmetic: which of torch's
 //! operations round once (its AVX2 build fuses `lerp` and `addcmul` into FMAs) was measured against
 //! torch 2.15 (tools/fixtures/make_adamw.py, tests/adamw_parity.rs). The one difference left is √v: ours is
-//! correctly rounded, torch's CPU `sqrt` is MKL's vsSqrt, 1 ulp off for some inputs (which ones depends on the
+//! correctly rounded, torch's CPU `sqrt` is MKL's vmsSqrt, 1 ulp off for some inputs (which ones depends on the
 //! CPU), so a few values in a thousand differ from torch's by 1 ulp. On other devices or dtypes the same formula
 //! runs as candle tensor operations, equal to within a few ulp.
 //!

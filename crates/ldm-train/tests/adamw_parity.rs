@@ -7,9 +7,10 @@
 //! Tolerance: |x − y| ≤ max(1e-6·|x + y|, 1e-7) per value. Our CPU f32 path performs torch's float operations
 //! in torch's order with torch's roundings (and Rust's float arithmetic is the same on every platform), so most
 //! values are bit-identical; the one operation we do not reproduce is torch's `sqrt` of a tensor, which comes
-//! from MKL's vsSqrt (HA mode): it is not correctly rounded (1 ulp off for ~18% of inputs on the AMD EPYC that
+//! from MKL's vmsSqrt (HA mode): it is not correctly rounded (1 ulp off for ~18% of inputs on the AMD EPYC that
 //! made the fixture) and depends on the CPU MKL dispatches for. Ours is correctly rounded. Measured: 3 of the
-//! 1184 AdamW values differ from torch's, each by 1 ulp (max |x−y| = 1.5e-8), all traced to that `sqrt` (the test allows ≤ 1%).
+//! 1184 AdamW values differ from torch's, each by 1 ulp (max |x−y| = 1.5e-8), all traced to that
+//! `sqrt` (the test allows ≤ 1%).
 //! clip_grad_norm and the EMA use no tensor `sqrt` and must be bit-identical.
 
 use std::collections::BTreeMap;
