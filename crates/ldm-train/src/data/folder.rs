@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use image::{DynamicImage, ImageReader};
 use serde::{Deserialize, Serialize};
 
-use super::{Example, HwcImage, ImageDataset, ImageTransform, Pixels};
+use super::{Example, HwcImage, ImageDataset, ImageTransform, Pixels, Resize};
 use crate::error::{Result, TrainError};
 
 /// File extensions read as images (compared case-insensitively).
@@ -136,7 +136,12 @@ pub fn open_image_folder(root: &Path, opts: &FolderOptions) -> Result<(ImageData
         });
         match loaded {
             Ok((image, caption)) => {
-                let image = opts.transform.prepare(&image, path)?;
+                // Resize now, to hold only the prepared image; with resizing off, sizes are checked (all
+                // together, naming two files that differ) by `ImageDataset::new`.
+                let image = match opts.transform.resize {
+                    Resize::Off => image,
+                    Resize::ShorterSide(_) => opts.transform.prepare(&image, path)?,
+                };
                 examples.push(Example {
                     image,
                     caption,
