@@ -1006,3 +1006,62 @@ fn latent_cache_round_trips_and_feeds_the_loader() -> Res {
     .is_err());
     Ok(())
 }
+
+// ------------------------------------------------------------------------------ examples built in code
+
+#[test]
+fn float_examples_are_resized_in_their_range() -> Res {
+    use ldm_train::data::{Example, HwcImage, Pixels};
+    let ex = |v: f32, h: usize, w: usize, name: &str| -> Result<Example, TrainError> {
+        Ok(Example {
+            image: HwcImage::new(h, w, 3, Pixels::F32(vec![v; h * w * 3]))?,
+            caption: Some(name.into()),
+            label: Some(1),
+            source: PathBuf::from(name),
+        })
+    };
+    // Constant images stay constant through the bicubic resize (weights sum to 1), −1 included.
+    let ds = ImageDataset::new(
+        vec![
+            ex(0.3, 8, 8, "a")?,
+            ex(-1.0, 6, 10, "b")?,
+            ex(0.75, 4, 4, "c")?,
+        ],
+        ImageTransform::new(4),
+    )?;
+    assert_eq!(
+        (ds.examples()[1].image.height, ds.examples()[1].image.width),
+        (4, 6)
+    );
+    for (i, want) in [0.3f32, -1.0, 0.75].into_iter().enumerate() {
+        let v = values(&ds.get(i, &mut TorchRng::new(0))?.image);
+        assert_eq!(v.len(), 48);
+        assert!(
+            v.iter().all(|&x| close(x, want, 1e-5)),
+            "example {i}: {v:?}"
+        );
+    }
+    assert_eq!(ds.num_classes(), Some(2));
+    let e = ds
+        .get(3, &mut TorchRng::new(0))
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(e.contains("example 3 of a data set of 3"), "{e}");
+    // Inconsistent buffers and mixed channel counts are refused.
+    assert!(HwcImage::new(2, 2, 3, Pixels::U8(vec![0; 11])).is_err());
+    assert!(HwcImage::new(2, 2, 4, Pixels::U8(vec![0; 16])).is_err());
+    let gray = Example {
+        image: HwcImage::new(4, 4, 1, Pixels::U8(vec![0; 16]))?,
+        caption: None,
+        label: None,
+        source: PathBuf::from("g"),
+    };
+    let e = ImageDataset::new(vec![ex(0.0, 4, 4, "a")?, gray], ImageTransform::new(4))
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(e.contains("1 channel(s), but a has 3"), "{e}");
+    assert!(ImageDataset::new(vec![], ImageTransform::new(4)).is_err());
+    Ok(())
+}
