@@ -3,10 +3,10 @@
 //!
 //! Resizing uses the `image` crate's separable filters, which widen the kernel by the scale factor when
 //! shrinking (antialiased, like PIL). The default, [`ResizeFilter::CatmullRom`], is the Keys cubic with
-//! a = −0.5, the kernel of PIL's `BICUBIC` (what the LDM data modules ask for). Measured against PIL
-//! (`Image.resize`, a random-plus-gradient 64×48 RGB image → 21×16): every byte within 1 of PIL's for all three
-//! filters (mean differences 0.14, 0.12, 0.11 levels for bicubic, bilinear, Lanczos). [`ResizeFilter::Triangle`] is PIL's `BILINEAR` (torchvision's
-//! default) and [`ResizeFilter::Lanczos3`] PIL's `LANCZOS`.
+//! a = −0.5, the kernel of PIL's `BICUBIC` (what the LDM data modules ask for); [`ResizeFilter::Triangle`] is
+//! PIL's `BILINEAR` (torchvision's default) and [`ResizeFilter::Lanczos3`] PIL's `LANCZOS`. Measured against
+//! PIL's `Image.resize` (a random-plus-gradient 64×48 RGB image → 21×16): every byte within 1 of PIL's for all
+//! three filters (mean differences 0.14, 0.12 and 0.11 levels for bicubic, bilinear and Lanczos).
 //!
 //! Output size follows torchvision's `Resize(size)`: the shorter side becomes `size`, the longer
 //! `floor(size · long / short)`. Center crops start at `round((H − size) / 2)` (ties to even, as Python's
