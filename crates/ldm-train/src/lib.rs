@@ -2,6 +2,7 @@
 //! adversarial losses) and latent diffusion models (ε/v objective, classifier-free-guidance dropout), fine-tuning
 //! and LoRA, with optimiser, EMA, checkpoints that resume bit-exactly, and data readers.
 pub mod checkpoint;
+pub mod data;
 pub mod ema;
 pub mod error;
 pub mod grad;
