@@ -3,6 +3,7 @@
 //! and LoRA, with optimiser, EMA, checkpoints that resume bit-exactly, and data readers.
 pub mod checkpoint;
 pub mod data;
+pub mod diffusion;
 pub mod ema;
 pub mod error;
 pub mod grad;
