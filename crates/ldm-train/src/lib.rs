@@ -8,6 +8,7 @@ pub mod ema;
 pub mod error;
 pub mod grad;
 pub mod log;
+pub mod losses;
 pub mod lr;
 pub mod optim;
 pub mod plot;
