@@ -149,6 +149,11 @@ impl AdamW {
         self.params.iter().map(|p| (p.name.as_str(), &p.var))
     }
 
+    /// The parameters' vars (cheap handles), e.g. for [`clip_grad_norm`](crate::grad::clip_grad_norm).
+    pub fn vars(&self) -> Vec<Var> {
+        self.params.iter().map(|p| p.var.clone()).collect()
+    }
+
     /// The step count of parameter `name` (0 before its first gradient; `None` for an unknown name).
     pub fn param_step(&self, name: &str) -> Option<u64> {
         self.params

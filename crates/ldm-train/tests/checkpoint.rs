@@ -400,3 +400,94 @@ fn checkpoint_dir_keeps_the_last_n_and_points_last_at_the_newest() {
         std::fs::read(ckpts.step_path(400)).expect("step file")
     );
 }
+
+/// Not a test on its own: with `LDM_TEST_KILL_DIR` set (by the SIGKILL test below, which runs this test binary
+/// as a child process) it saves 4 MB checkpoints into that directory until it is killed.
+#[test]
+fn helper_process_writes_checkpoints_until_killed() {
+    let Ok(dir) = std::env::var("LDM_TEST_KILL_DIR") else {
+        return;
+    };
+    let mut ckpt = small_checkpoint(0);
+    let big: Vec<f32> = (0..1 << 20).map(|i| (i as f32).sin()).collect();
+    ckpt.model.push((
+        "big.weight".into(),
+        Tensor::from_vec(big, (1024, 1024), &DEV).expect("big"),
+    ));
+    let ckpts = CheckpointDir::new(dir, 2).expect("dir");
+    for step in 1.. {
+        ckpt.step = step;
+        ckpts.save(&ckpt).expect("save");
+    }
+}
+
+#[cfg(unix)]
+#[test]
+fn sigkill_during_writes_never_leaves_a_corrupt_checkpoint() {
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+    let exe = std::env::current_exe().expect("test binary");
+    let mut killed_mid_write = 0;
+    for round in 0..6u64 {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut child = Command::new(&exe)
+            .args([
+                "helper_process_writes_checkpoints_until_killed",
+                "--exact",
+                "--test-threads=1",
+            ])
+            .env("LDM_TEST_KILL_DIR", dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn writer");
+        let ckpts = CheckpointDir::new(dir.path(), 2).expect("dir");
+        let start = Instant::now();
+        while ckpts.latest().expect("list").is_none() {
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "writer wrote nothing"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        std::thread::sleep(Duration::from_millis(2 + 5 * round));
+        child.kill().expect("SIGKILL");
+        child.wait().expect("reap");
+
+        let mut files = 0;
+        for entry in std::fs::read_dir(dir.path()).expect("read dir") {
+            let path = entry.expect("entry").path();
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default();
+            if name.contains(".tmp-") {
+                killed_mid_write += 1;
+                continue;
+            }
+            // Every file under a final name is a complete checkpoint.
+            let ckpt = TrainCheckpoint::load(&path, &DEV)
+                .unwrap_or_else(|e| panic!("round {round}: {name} is damaged: {e}"));
+            assert!(ckpt.step >= 1);
+            files += 1;
+        }
+        // (`last.safetensors` may not exist yet if the kill came right after the first step file.)
+        assert!(files >= 1, "round {round}: no checkpoint survived");
+        let last = TrainCheckpoint::load(&ckpts.latest().expect("list").expect("some"), &DEV)
+            .expect("last loads");
+        let newest = ckpts
+            .step_files()
+            .expect("list")
+            .pop()
+            .expect("step file")
+            .0;
+        // `last` is replaced right after its step file: it is the newest step or the one before.
+        assert!(
+            last.step == newest || last.step + 1 == newest,
+            "{} vs {newest}",
+            last.step
+        );
+        ckpts.remove_stale_temp_files().expect("clean");
+    }
+    eprintln!("temporary files left by SIGKILL in {killed_mid_write} of 6 rounds (all ignored)");
+}
