@@ -121,7 +121,8 @@ impl TrainCheckpoint {
                 ));
             }
             for name in state.steps.keys() {
-                let (Some(m), Some(v)) = (state.exp_avg.get(name), state.exp_avg_sq.get(name)) else {
+                let (Some(m), Some(v)) = (state.exp_avg.get(name), state.exp_avg_sq.get(name))
+                else {
                     return Err(TrainError::invalid(
                         "optimizer state",
                         format!("`{slot}`: `{name}` has a step count but not both moments"),
@@ -196,7 +197,9 @@ impl TrainCheckpoint {
         if version > FORMAT_VERSION {
             return Err(ckpt_err(
                 path,
-                format!("format version {version} is newer than this build reads ({FORMAT_VERSION})"),
+                format!(
+                    "format version {version} is newer than this build reads ({FORMAT_VERSION})"
+                ),
             ));
         }
         let step: u64 = get("step")?.parse().map_err(|e| parse_err("step", &e))?;
@@ -370,7 +373,10 @@ fn write_safetensors(
         let dtype = safetensors_dtype(t.dtype()).ok_or_else(|| {
             TrainError::invalid(
                 "checkpoint",
-                format!("tensor `{key}` has dtype {:?}, which cannot be stored", t.dtype()),
+                format!(
+                    "tensor `{key}` has dtype {:?}, which cannot be stored",
+                    t.dtype()
+                ),
             )
         })?;
         let len = t.elem_count() * t.dtype().size_in_bytes();
@@ -381,11 +387,10 @@ fn write_safetensors(
         offset += len;
     }
     let mut header = serde_json::Value::Object(header).to_string().into_bytes();
-    while header.len() % 8 != 0 {
-        header.push(b' ');
-    }
+    header.resize(header.len() + (8 - header.len() % 8) % 8, b' ');
     let io = |e: std::io::Error| TrainError::invalid("checkpoint", format!("write failed: {e}"));
-    w.write_all(&(header.len() as u64).to_le_bytes()).map_err(io)?;
+    w.write_all(&(header.len() as u64).to_le_bytes())
+        .map_err(io)?;
     w.write_all(&header).map_err(io)?;
     for (_, t) in sorted {
         w.write_all(&tensor_bytes(t)?).map_err(io)?;

@@ -223,7 +223,8 @@ mod tests {
         let w = var(&[0.0]);
         let mut ema = Ema::new(&[("w".into(), w.clone())], 0.5, true).expect("ema");
         // n = 1: d = min(0.5, 2/11) = 2/11, so θ̄ = 0 − (9/11)(0 − 1) = 9/11
-        w.set(&Tensor::new(&[1f32], &Device::Cpu).expect("t")).expect("set");
+        w.set(&Tensor::new(&[1f32], &Device::Cpu).expect("t"))
+            .expect("set");
         ema.update().expect("update");
         let want = 0f32 - (1.0 - 2.0f32 / 11.0) * (0.0 - 1.0);
         assert_eq!(values(&ema.shadow()[0].1), [want]);
@@ -243,7 +244,8 @@ mod tests {
     fn swap_twice_restores_and_shadow_is_independent() {
         let w = var(&[1.0, 2.0]);
         let mut ema = Ema::new(&[("w".into(), w.clone())], 0.9, false).expect("ema");
-        w.set(&Tensor::new(&[3f32, 4.0], &Device::Cpu).expect("t")).expect("set");
+        w.set(&Tensor::new(&[3f32, 4.0], &Device::Cpu).expect("t"))
+            .expect("set");
         // the shadow did not follow the in-place set
         assert_eq!(values(&ema.shadow()[0].1), [1.0, 2.0]);
         ema.swap().expect("swap");
@@ -266,7 +268,10 @@ mod tests {
             Tensor::new(&[1f32], &Device::Cpu).expect("t"),
         ));
         let err = ema.load_state(&state).expect_err("bad").to_string();
-        assert!(err.contains("`w` has shape [1]") && err.contains("unknown tensor `extra`"), "{err}");
+        assert!(
+            err.contains("`w` has shape [1]") && err.contains("unknown tensor `extra`"),
+            "{err}"
+        );
         let state = EmaState {
             decay: 0.5,
             num_updates: Some(7),

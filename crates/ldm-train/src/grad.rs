@@ -144,7 +144,9 @@ mod tests {
 
     #[test]
     fn torch_norm_order_matches_exact_norm_closely() {
-        let x: Vec<f32> = (0..37).map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0).collect();
+        let x: Vec<f32> = (0..37)
+            .map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0)
+            .collect();
         let exact = x.iter().map(|&v| f64::from(v).powi(2)).sum::<f64>().sqrt();
         assert!((f64::from(torch_l2_norm(&x)) - exact).abs() < 1e-6 * exact);
         assert_eq!(torch_l2_norm(&[3.0, 4.0]), 5.0);
@@ -163,15 +165,27 @@ mod tests {
         grads.insert(b.as_tensor(), Tensor::new(&[4f32], &dev).expect("g"));
         let norm = clip_grad_norm(&mut grads, &vars, 1.0).expect("clip");
         assert_eq!(norm, 5.0);
-        let ga = grads.get(a.as_tensor()).expect("ga").to_vec1::<f32>().expect("v");
-        let gb = grads.get(b.as_tensor()).expect("gb").to_vec1::<f32>().expect("v");
+        let ga = grads
+            .get(a.as_tensor())
+            .expect("ga")
+            .to_vec1::<f32>()
+            .expect("v");
+        let gb = grads
+            .get(b.as_tensor())
+            .expect("gb")
+            .to_vec1::<f32>()
+            .expect("v");
         let clipped = (ga[0].powi(2) + gb[0].powi(2)).sqrt();
         assert!((clipped - 1.0).abs() < 1e-6, "{clipped}");
         assert!(grads.get(c.as_tensor()).is_none());
         // already below the limit: untouched
         let norm = clip_grad_norm(&mut grads, &vars, 10.0).expect("clip");
         assert!((norm - 1.0).abs() < 1e-6);
-        let ga2 = grads.get(a.as_tensor()).expect("ga").to_vec1::<f32>().expect("v");
+        let ga2 = grads
+            .get(a.as_tensor())
+            .expect("ga")
+            .to_vec1::<f32>()
+            .expect("v");
         assert_eq!(ga, ga2);
         assert!(clip_grad_norm(&mut grads, &vars, 0.0).is_err());
     }
@@ -189,7 +203,10 @@ mod tests {
         assert_eq!(acc.micro_batches(), 3);
         let g = acc.take();
         assert_eq!(
-            g.get(w.as_tensor()).expect("grad").to_vec1::<f32>().expect("v"),
+            g.get(w.as_tensor())
+                .expect("grad")
+                .to_vec1::<f32>()
+                .expect("v"),
             [6.0, 6.0]
         );
         assert_eq!(acc.micro_batches(), 0);

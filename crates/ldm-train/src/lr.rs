@@ -99,7 +99,10 @@ mod tests {
         let s = LrSchedule::LinearWarmup { warmup_steps: 4 };
         let got: Vec<f64> = (0..6).map(|i| s.lr_at(i, 1.0)).collect();
         assert_eq!(got, [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]);
-        assert_eq!(LrSchedule::LinearWarmup { warmup_steps: 0 }.lr_at(0, 2.0), 2.0);
+        assert_eq!(
+            LrSchedule::LinearWarmup { warmup_steps: 0 }.lr_at(0, 2.0),
+            2.0
+        );
     }
 
     #[test]

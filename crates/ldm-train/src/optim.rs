@@ -149,6 +149,11 @@ impl AdamW {
         self.params.iter().map(|p| (p.name.as_str(), &p.var))
     }
 
+    /// The parameters' vars (cheap handles), e.g. for [`clip_grad_norm`](crate::grad::clip_grad_norm).
+    pub fn vars(&self) -> Vec<Var> {
+        self.params.iter().map(|p| p.var.clone()).collect()
+    }
+
     /// The step count of parameter `name` (0 before its first gradient; `None` for an unknown name).
     pub fn param_step(&self, name: &str) -> Option<u64> {
         self.params
@@ -215,7 +220,9 @@ impl AdamW {
             if let Some(m) = &p.moments {
                 state.steps.insert(p.name.clone(), m.step);
                 state.exp_avg.insert(p.name.clone(), m.exp_avg.clone());
-                state.exp_avg_sq.insert(p.name.clone(), m.exp_avg_sq.clone());
+                state
+                    .exp_avg_sq
+                    .insert(p.name.clone(), m.exp_avg_sq.clone());
             }
         }
         state
@@ -283,11 +290,7 @@ impl AdamW {
         if !problems.is_empty() {
             return Err(TrainError::invalid(
                 "optimizer state",
-                format!(
-                    "{} problem(s): {}",
-                    problems.len(),
-                    problems.join("; ")
-                ),
+                format!("{} problem(s): {}", problems.len(), problems.join("; ")),
             ));
         }
         self.config = state.config;
@@ -328,7 +331,7 @@ impl StepScalars {
         let bias_correction1 = 1.0 - cfg.beta1.powf(t);
         let bias_correction2 = 1.0 - cfg.beta2.powf(t);
         Self {
-            decay: (cfg.weight_decay != 0.0).then(|| 1.0 - lr * cfg.weight_decay),
+            decay: (cfg.weight_decay != 0.0).then_some(1.0 - lr * cfg.weight_decay),
             lerp_weight: 1.0 - cfg.beta1,
             beta2: cfg.beta2,
             one_minus_beta2: 1.0 - cfg.beta2,
@@ -430,19 +433,17 @@ mod tests {
         assert_eq!(partial.lr, 0.5);
         assert_eq!(partial.beta2, 0.999);
         for bad in [
-            AdamWConfig {
-                beta1: 1.0,
-                ..c
-            },
+            AdamWConfig { beta1: 1.0, ..c },
             AdamWConfig { lr: -1.0, ..c },
-            AdamWConfig {
-                eps: f64::NAN,
-                ..c
-            },
+            AdamWConfig { eps: f64::NAN, ..c },
         ] {
             assert!(bad.validate().is_err(), "{bad:?}");
         }
-        assert!(AdamW::new(vec![("a".into(), var(&[1.0])), ("a".into(), var(&[2.0]))], c).is_err());
+        assert!(AdamW::new(
+            vec![("a".into(), var(&[1.0])), ("a".into(), var(&[2.0]))],
+            c
+        )
+        .is_err());
     }
 
     #[test]
@@ -502,7 +503,10 @@ mod tests {
         let mut opt =
             AdamW::new(vec![("a".into(), a.clone())], AdamWConfig::default()).expect("optimizer");
         let mut grads = GradStore::default();
-        grads.insert(a.as_tensor(), Tensor::new(&[1f32, 1.0], &Device::Cpu).expect("g"));
+        grads.insert(
+            a.as_tensor(),
+            Tensor::new(&[1f32, 1.0], &Device::Cpu).expect("g"),
+        );
         opt.step(&grads, 1e-3).expect("step");
         let good = opt.state();
 

@@ -34,7 +34,8 @@ impl Fixture {
     fn open() -> Self {
         let path = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../../fixtures/train-adamw/adamw.safetensors");
-        let file = SafetensorsFile::open(&path).expect("fixture (run tools/fixtures/make_adamw.py)");
+        let file =
+            SafetensorsFile::open(&path).expect("fixture (run tools/fixtures/make_adamw.py)");
         let settings = serde_json::from_str(file.metadata().get("settings").expect("settings"))
             .expect("settings JSON");
         Self { file, settings }
@@ -46,7 +47,8 @@ impl Fixture {
     }
 
     fn t(&self, key: &str) -> Tensor {
-        self.get(key).unwrap_or_else(|| panic!("fixture lacks `{key}`"))
+        self.get(key)
+            .unwrap_or_else(|| panic!("fixture lacks `{key}`"))
     }
 
     fn f64(&self, pointer: &str) -> f64 {
@@ -99,18 +101,29 @@ struct Stats {
 impl Stats {
     fn compare(&mut self, what: &str, got: &Tensor, want: &Tensor) {
         assert_eq!(got.dims(), want.dims(), "{what}: shape");
-        let g = got.flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("got");
-        let w = want.flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("want");
+        let g = got
+            .flatten_all()
+            .and_then(|t| t.to_vec1::<f32>())
+            .expect("got");
+        let w = want
+            .flatten_all()
+            .and_then(|t| t.to_vec1::<f32>())
+            .expect("want");
         for (i, (x, y)) in g.iter().zip(&w).enumerate() {
             let err = (x - y).abs();
             let tol = (1e-6 * (x + y).abs()).max(1e-7);
-            assert!(err <= tol, "{what}[{i}]: {x} vs torch {y} (|x−y| = {err:e} > {tol:e})");
+            assert!(
+                err <= tol,
+                "{what}[{i}]: {x} vs torch {y} (|x−y| = {err:e} > {tol:e})"
+            );
             self.values += 1;
             if x.to_bits() != y.to_bits() {
                 self.differing_bits += 1;
             }
             self.max_abs = self.max_abs.max(err);
-            self.max_rel = self.max_rel.max(err / (x.abs() + y.abs()).max(f32::MIN_POSITIVE));
+            self.max_rel = self
+                .max_rel
+                .max(err / (x.abs() + y.abs()).max(f32::MIN_POSITIVE));
         }
     }
 
@@ -154,20 +167,33 @@ fn adamw_with_clipping_matches_torch() {
         for (n, v) in &params {
             let want = fx.get(&format!("clipped.{s}.{n}"));
             let got = grads.get(v.as_tensor());
-            assert_eq!(got.is_some(), want.is_some(), "gradient presence of {n} at step {s}");
+            assert_eq!(
+                got.is_some(),
+                want.is_some(),
+                "gradient presence of {n} at step {s}"
+            );
             if let (Some(got), Some(want)) = (got, want) {
                 clip_stats.compare(&format!("clipped.{s}.{n}"), got, &want);
             }
         }
-        opt.step(&grads, fx.f64(&format!("/lrs/{s}"))).expect("step");
+        opt.step(&grads, fx.f64(&format!("/lrs/{s}")))
+            .expect("step");
         for (n, v) in &params {
-            stats.compare(&format!("after.{s}.{n}"), v.as_tensor(), &fx.t(&format!("after.{s}.{n}")));
+            stats.compare(
+                &format!("after.{s}.{n}"),
+                v.as_tensor(),
+                &fx.t(&format!("after.{s}.{n}")),
+            );
         }
     }
     assert_eq!(clipped_steps, 2, "the fixture clips at steps 0 and 1 only");
     let state = opt.state();
     for n in NAMES {
-        stats.compare(&format!("exp_avg.{n}"), &state.exp_avg[n], &fx.t(&format!("exp_avg.{n}")));
+        stats.compare(
+            &format!("exp_avg.{n}"),
+            &state.exp_avg[n],
+            &fx.t(&format!("exp_avg.{n}")),
+        );
         stats.compare(
             &format!("exp_avg_sq.{n}"),
             &state.exp_avg_sq[n],
@@ -225,7 +251,11 @@ fn ema_matches_litema() {
             }
             ema.update().expect("update");
             for (n, shadow) in ema.shadow() {
-                stats.compare(&format!("{name}.{s}.{n}"), &shadow, &fx.t(&format!("{name}.{s}.{n}")));
+                stats.compare(
+                    &format!("{name}.{s}.{n}"),
+                    &shadow,
+                    &fx.t(&format!("{name}.{s}.{n}")),
+                );
             }
         }
         stats.finish(

@@ -21,7 +21,9 @@ use super::NoiseRng;
 ///
 /// The two round a few thousand values per million differently (by up to a few ulp), so the choice matters
 /// for bit-exact reproduction. Smaller draws and `rand` do not depend on it.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub enum NormalKernel {
     /// PyTorch's AVX2 kernel (float32 Cephes log/sincos). Torch uses it on every x86-64 CPU with AVX2 and FMA,
     /// AVX-512 CPUs included (the distribution kernels have no AVX-512 build; dispatch falls back to AVX2).
