@@ -170,7 +170,8 @@ pub struct GeneratorStep {
     pub grads: GradStore,
     /// `x̂`, detached: the reconstructions (for logging or the discriminator step).
     pub reconstructions: Tensor,
-    /// The reference's `log` dict without the split prefix (`total_loss`, `nll_loss`, `d_weight`, ...).
+    /// The reference's `log` dict without the split prefix (`total_loss`, `nll_loss`, `d_weight`, ...), plus
+    /// `nll_grad_norm` and `g_grad_norm` (`‖∇_W nll‖`, `‖∇_W g‖`) when λ was computed.
     pub log: BTreeMap<String, f64>,
 }
 
@@ -193,6 +194,30 @@ struct Gan<'a> {
     disc_factor: f64,
     disc_start: u64,
     disc_loss: DiscLoss,
+}
+
+/// What [`Gan::generator`] hands to the two losses.
+struct Generated {
+    /// `Σ x̂·sg[∂L/∂x̂]` in the autoencoder's graph.
+    surrogate: Tensor,
+    ev: Evaluated,
+    nll: Tensor,
+    /// `x̂` in the autoencoder's graph.
+    y: Tensor,
+    d_weight: f64,
+    /// The adopted disc_factor.
+    f: f64,
+    /// `‖∇_W nll‖`, `‖∇_W g‖` when λ was computed.
+    norms: Option<(f64, f64)>,
+}
+
+impl Generated {
+    fn log_norms(&self, log: &mut BTreeMap<String, f64>) {
+        if let Some((n, g)) = self.norms {
+            log.insert("nll_grad_norm".to_string(), n);
+            log.insert("g_grad_norm".to_string(), g);
+        }
+    }
 }
 
 /// The pieces of a generator pass on the leaf reconstruction.
@@ -265,7 +290,7 @@ impl Gan<'_> {
         step: u64,
         lambda: bool,
         nll_of: &dyn Fn(&Tensor) -> Result<Tensor>,
-    ) -> Result<(Tensor, Evaluated, Tensor, Tensor, f64, f64)> {
+    ) -> Result<Generated> {
         let y = last.conv.forward(last.input)?; // x̂ in the autoencoder's graph
         let leaf = Var::from_tensor(&y.detach())?;
         let ev = self.evaluate(&x.detach(), leaf.as_tensor())?;
@@ -276,6 +301,7 @@ impl Gan<'_> {
             .cloned()
             .ok_or_else(|| missing("the reconstruction (nll)"))?;
         let f = self.adopt(step);
+        let mut norms = None;
         let (d_weight, dy) = if lambda {
             let dy_g = ev
                 .g
@@ -289,6 +315,7 @@ impl Gan<'_> {
             let n_nll = gw_nll.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?.sqrt();
             let n_g = gw_g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?.sqrt();
             let w = (n_nll / (n_g + 1e-4)).clamp(0.0, 1e4) * self.disc_weight;
+            norms = Some((n_nll, n_g));
             let dy = if w * f != 0.0 {
                 (&dy_nll + (dy_g * (w * f))?)?
             } else {
@@ -299,7 +326,15 @@ impl Gan<'_> {
             (0.0, dy_nll)
         };
         let surrogate = (&y * dy)?.sum_all()?;
-        Ok((surrogate, ev, nll, y, d_weight, f))
+        Ok(Generated {
+            surrogate,
+            ev,
+            nll,
+            y,
+            d_weight,
+            f,
+            norms,
+        })
     }
 
     fn discriminator_step(&self, x: &Tensor, y: &Tensor, step: u64) -> Result<DiscriminatorStep> {
@@ -307,7 +342,7 @@ impl Gan<'_> {
         let logits_fake = self.disc.forward_train(&y.detach())?;
         let f = self.adopt(step);
         let loss = (self.disc_loss.loss(&logits_real, &logits_fake)? * f)?;
-        let log = BTreeMap::from([
+        let mut log = BTreeMap::from([
             ("disc_loss".to_string(), scalar(&loss)?),
             ("logits_real".to_string(), scalar(&logits_real)?),
             ("logits_fake".to_string(), scalar(&logits_fake)?),
@@ -386,8 +421,8 @@ impl LpipsWithDiscriminator {
             Ok(((rec.sum_all()?.broadcast_mul(&inv)? + (lv * n)?)? / b)?)
         };
         let lambda = self.config.disc_factor > 0.0;
-        let (surrogate, ev, nll, y, d_weight, f) =
-            self.gan().generator(x, last, global_step, lambda, &nll_of)?;
+        let gen = self.gan().generator(x, last, global_step, lambda, &nll_of)?;
+        let (ev, d_weight, f) = (&gen.ev, gen.d_weight, gen.f);
         // KL(q(z|x) ‖ N(0, I)), summed per image, averaged over the batch.
         let kl = ((posterior.mean.sqr()? + posterior.logvar.exp()?)? - 1.0)?;
         let kl = ((kl - &posterior.logvar)?.sum_all()? * (0.5 / b))?;
@@ -395,11 +430,11 @@ impl LpipsWithDiscriminator {
         let rec_sum = ev.rec.sum_all()?.detach();
         let n = ev.rec.elem_count() as f64;
         let lv_term = ((rec_sum.broadcast_mul(&lv.neg()?.exp()?)? + (lv * n)?)? / b)?;
-        let s = ((surrogate + (&kl * self.config.kl_weight)?)? + lv_term)?;
+        let s = ((&gen.surrogate + (&kl * self.config.kl_weight)?)? + lv_term)?;
         let grads = s.backward()?;
-        let (nll_v, kl_v, g_v) = (scalar(&nll)?, scalar(&kl)?, scalar(&ev.g)?);
+        let (nll_v, kl_v, g_v) = (scalar(&gen.nll)?, scalar(&kl)?, scalar(&ev.g)?);
         let loss = nll_v + self.config.kl_weight * kl_v + d_weight * f * g_v;
-        let log = BTreeMap::from([
+        let mut log = BTreeMap::from([
             ("total_loss".to_string(), loss),
             ("logvar".to_string(), scalar(lv)?),
             ("kl_loss".to_string(), kl_v),
@@ -409,10 +444,11 @@ impl LpipsWithDiscriminator {
             ("disc_factor".to_string(), f),
             ("g_loss".to_string(), g_v),
         ]);
+        gen.log_norms(&mut log);
         Ok(GeneratorStep {
             loss,
             grads,
-            reconstructions: y.detach(),
+            reconstructions: gen.y.detach(),
             log,
         })
     }
@@ -484,18 +520,18 @@ impl VqLpipsWithDiscriminator {
         global_step: u64,
     ) -> Result<GeneratorStep> {
         let nll_of = |rec: &Tensor| -> Result<Tensor> { Ok(rec.mean_all()?) };
-        let (surrogate, ev, nll, y, d_weight, f) =
-            self.gan().generator(x, last, global_step, true, &nll_of)?;
+        let gen = self.gan().generator(x, last, global_step, true, &nll_of)?;
+        let (ev, d_weight, f) = (&gen.ev, gen.d_weight, gen.f);
         let q = codebook_loss.mean_all()?;
-        let s = (surrogate + (&q * self.config.codebook_weight)?)?;
+        let s = (&gen.surrogate + (&q * self.config.codebook_weight)?)?;
         let grads = s.backward()?;
-        let (nll_v, q_v, g_v) = (scalar(&nll)?, scalar(&q)?, scalar(&ev.g)?);
+        let (nll_v, q_v, g_v) = (scalar(&gen.nll)?, scalar(&q)?, scalar(&ev.g)?);
         let loss = nll_v + d_weight * f * g_v + self.config.codebook_weight * q_v;
         let p_v = match &ev.p_loss {
             Some(p) => scalar(p)?,
             None => 0.0,
         };
-        let log = BTreeMap::from([
+        let mut log = BTreeMap::from([
             ("total_loss".to_string(), loss),
             ("quant_loss".to_string(), q_v),
             ("nll_loss".to_string(), nll_v),
@@ -505,10 +541,11 @@ impl VqLpipsWithDiscriminator {
             ("disc_factor".to_string(), f),
             ("g_loss".to_string(), g_v),
         ]);
+        gen.log_norms(&mut log);
         Ok(GeneratorStep {
             loss,
             grads,
-            reconstructions: y.detach(),
+            reconstructions: gen.y.detach(),
             log,
         })
     }
