@@ -8,8 +8,11 @@
 //!
 //! Tolerances (f32 against f32):
 //! * losses, λ and log values: `|x − y| ≤ max(1e-5·|x + y|, 1e-6)`;
-//! * gradients, per element: `|x − y| ≤ max(1e-3·|x + y|, 1e-5·max(1, ‖ref‖∞))` (the absolute floor scales with
-//!   the tensor, since the KL loss sums over pixels and its gradients reach O(100));
+//! * gradients, per element: `|x − y| ≤ max(1e-3·|x + y|, 1e-5·max(1, ‖ref‖∞), 1e-7·G)` with `‖ref‖∞` the
+//!   largest reference value of that tensor and `G` the largest over all gradients of the step (the KL loss
+//!   sums over pixels, its gradients reach O(1000)). The `G` floor is for gradients that are zero in exact
+//!   arithmetic and rounding noise in both frameworks: biases right before a GroupNorm of one channel per group
+//!   (the norm removes them) and the key biases of attention (softmax is shift-invariant).
 //! * reconstructions and BatchNorm running statistics: `|x − y| ≤ max(1e-4·|x + y|, 1e-5)`;
 //! * SSIM and PSNR against scikit-image (float64): `|x − y| ≤ 1e-5`.
 //!
@@ -105,22 +108,26 @@ fn check_all(what: &str, checks: &[(String, f64, f64)]) -> R<()> {
     }
 }
 
-/// Worst `|x−y| / max(r·|x+y|, a)` over the elements, with `a` scaled by `max(1, ‖want‖∞)` when asked.
-fn check_tensor(
-    what: &str,
-    ours: &Tensor,
-    want: &Tensor,
-    r: f64,
-    a: f64,
-    scale_a: bool,
-) -> R<f64> {
+/// The absolute part of a tolerance.
+#[derive(Clone, Copy)]
+enum Floor {
+    Abs(f64),
+    /// `max(a·max(1, ‖want‖∞), b)`.
+    Grad(f64, f64),
+}
+
+/// Worst `|x−y| / max(r·|x+y|, floor)` over the elements.
+fn check_tensor(what: &str, ours: &Tensor, want: &Tensor, r: f64, floor: Floor) -> R<f64> {
     if ours.dims() != want.dims() {
         return Err(format!("{what}: shape {:?} vs {:?}", ours.dims(), want.dims()).into());
     }
     let o = ours.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
     let w = want.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
     let inf = w.iter().fold(0f64, |m, v| m.max(v.abs()));
-    let a = if scale_a { a * inf.max(1.0) } else { a };
+    let a = match floor {
+        Floor::Abs(a) => a,
+        Floor::Grad(a, b) => (a * inf.max(1.0)).max(b),
+    };
     let mut worst = 0f64;
     for (x, y) in o.iter().zip(w.iter()) {
         let ratio = (x - y).abs() / (r * (x + y).abs()).max(a);
@@ -181,15 +188,22 @@ fn check_grads(
     let (mut worst, mut n) = (0f64, 0);
     let mut keys: Vec<&String> = f.t.keys().filter(|k| k.starts_with(grad_prefix)).collect();
     keys.sort();
+    let mut g_max = 0f64;
+    for k in &keys {
+        g_max = g_max.max(f.get(k)?.abs()?.max_all()?.to_scalar::<f32>()? as f64);
+    }
     for k in keys {
-        let name = format!("{var_prefix}{}", &k[grad_prefix.len()..]);
+        let name = match &k[grad_prefix.len()..] {
+            "logvar" => "loss.logvar".to_string(), // the loss's own parameter
+            rest => format!("{var_prefix}{rest}"),
+        };
         let var = data
             .get(&name)
             .ok_or_else(|| format!("no variable `{name}`"))?;
         let g = grads
             .get(var.as_tensor())
             .ok_or_else(|| format!("no gradient for `{name}`"))?;
-        let w = check_tensor(&name, g, &f.get(k)?, 1e-3, 1e-5, true)?;
+        let w = check_tensor(&name, g, &f.get(k)?, 1e-3, Floor::Grad(1e-5, 1e-7 * g_max))?;
         worst = worst.max(w);
         n += 1;
     }
@@ -204,7 +218,7 @@ fn check_running(f: &Fixture, vm: &VarMap, prefix: &str) -> R<()> {
         let var = data
             .get(&name)
             .ok_or_else(|| format!("no variable `{name}`"))?;
-        check_tensor(&name, var.as_tensor(), want, 1e-4, 1e-5, false)?;
+        check_tensor(&name, var.as_tensor(), want, 1e-4, Floor::Abs(1e-5))?;
         n += 1;
     }
     assert_eq!(n, 6, "three BatchNorms, mean and var each");
@@ -253,8 +267,7 @@ fn kl_loss_matches_lpips_with_discriminator() -> R<()> {
         &out.reconstructions,
         &f.get("kl.xrec")?,
         1e-4,
-        1e-5,
-        false,
+        Floor::Abs(1e-5),
     )?;
     println!("reconstructions worst ratio {w:.3}");
     let mut checks = vec![("loss".to_string(), out.loss, f.num(&["kl", "loss"])?)];
@@ -340,8 +353,7 @@ fn vq_loss_matches_vqlpips_with_discriminator() -> R<()> {
         &out.reconstructions,
         &f.get("vq.xrec")?,
         1e-4,
-        1e-5,
-        false,
+        Floor::Abs(1e-5),
     )?;
     let mut checks = vec![("loss".to_string(), out.loss, f.num(&["vq", "loss"])?)];
     for (k, v) in &out.log {
@@ -397,7 +409,13 @@ fn ssim_and_psnr_match_skimage() -> R<()> {
     )?;
     let g = m.backward()?;
     let gy = g.get(yv.as_tensor()).ok_or("no ssim gradient")?;
-    let w = check_tensor("ssim gradient", gy, &f.get("ssim.grad_y")?, 1e-3, 1e-8, true)?;
+    let w = check_tensor(
+        "ssim gradient",
+        gy,
+        &f.get("ssim.grad_y")?,
+        1e-3,
+        Floor::Grad(1e-8, 0.0),
+    )?;
     println!("ssim gradient worst ratio {w:.3}");
     Ok(())
 }
