@@ -287,12 +287,19 @@ fn kl_loss_matches_lpips_with_discriminator() -> R<()> {
     let d_loss = d.loss.to_scalar::<f32>()? as f64;
     check_scalar("kl disc loss", d_loss, f.num(&["kl", "disc_loss"])?)?;
     for (k, v) in &d.log {
-        check_scalar(&format!("kl disc log {k}"), *v, f.num(&["kl", "disc_log", k])?)?;
+        check_scalar(
+            &format!("kl disc log {k}"),
+            *v,
+            f.num(&["kl", "disc_log", k])?,
+        )?;
     }
     let grads = d.loss.backward()?;
     let (worst, n) = check_grads(&f, &vm, &grads, "kl.disc_grad.", "loss.discriminator.")?;
     println!("KL discriminator: {n} gradients, worst ratio {worst:.3}");
-    assert_eq!(n, 13, "conv weights 0, 2, 5, 8, 11, biases 0 and 11, three BatchNorms");
+    assert_eq!(
+        n, 13,
+        "conv weights 0, 2, 5, 8, 11, biases 0 and 11, three BatchNorms"
+    );
     check_running(&f, &vm, "kl.disc_running.")?;
     Ok(())
 }
@@ -330,11 +337,10 @@ fn vq_loss_matches_vqlpips_with_discriminator() -> R<()> {
     let q = model
         .quantizer()
         .forward_train(&h, f.num(&["vq", "beta"])?, true)?;
-    let want_idx = f
-        .t
-        .get("vq.indices")
-        .ok_or("no indices")?
-        .to_dtype(DType::U32)?;
+    let want_idx =
+        f.t.get("vq.indices")
+            .ok_or("no indices")?
+            .to_dtype(DType::U32)?;
     let differ = q
         .indices
         .ne(&want_idx)?
@@ -372,12 +378,19 @@ fn vq_loss_matches_vqlpips_with_discriminator() -> R<()> {
     let d_loss = d.loss.to_scalar::<f32>()? as f64;
     check_scalar("vq disc loss", d_loss, f.num(&["vq", "disc_loss"])?)?;
     for (k, v) in &d.log {
-        check_scalar(&format!("vq disc log {k}"), *v, f.num(&["vq", "disc_log", k])?)?;
+        check_scalar(
+            &format!("vq disc log {k}"),
+            *v,
+            f.num(&["vq", "disc_log", k])?,
+        )?;
     }
     let grads = d.loss.backward()?;
     let (worst, n) = check_grads(&f, &vm, &grads, "vq.disc_grad.", "loss.discriminator.")?;
     println!("VQ discriminator: {n} gradients, worst ratio {worst:.3}");
-    assert_eq!(n, 13, "conv weights 0, 2, 5, 8, 11, biases 0 and 11, three BatchNorms");
+    assert_eq!(
+        n, 13,
+        "conv weights 0, 2, 5, 8, 11, biases 0 and 11, three BatchNorms"
+    );
     check_running(&f, &vm, "vq.disc_running.")?;
     Ok(())
 }

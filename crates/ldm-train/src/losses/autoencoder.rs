@@ -49,7 +49,8 @@ use super::ssim::ssim_map;
 use crate::{Result, TrainError};
 
 /// The message that says, once, that the perceptual term is `1 − SSIM` (see [`Perceptual::notice`]).
-pub const SSIM_FALLBACK_NOTICE: &str = "no VGG16/LPIPS weights given: the perceptual loss term is 1 − SSIM \
+pub const SSIM_FALLBACK_NOTICE: &str =
+    "no VGG16/LPIPS weights given: the perceptual loss term is 1 − SSIM \
      (Gaussian window 11, σ 1.5) instead of LPIPS";
 
 /// The perceptual distance `P(x, x̂)` of the reconstruction loss.
@@ -252,7 +253,11 @@ impl Gan<'_> {
         if x.dims() != y.dims() {
             return Err(TrainError::invalid(
                 "autoencoder loss",
-                format!("inputs {:?} and reconstructions {:?} differ in shape", x.dims(), y.dims()),
+                format!(
+                    "inputs {:?} and reconstructions {:?} differ in shape",
+                    x.dims(),
+                    y.dims()
+                ),
             ));
         }
         let d = (x - y)?;
@@ -303,17 +308,26 @@ impl Gan<'_> {
         let f = self.adopt(step);
         let mut norms = None;
         let (d_weight, dy) = if lambda {
-            let dy_g = ev
-                .g
-                .backward()?
-                .get(leaf.as_tensor())
-                .cloned()
-                .ok_or_else(|| missing("the reconstruction (g)"))?;
+            let dy_g =
+                ev.g.backward()?
+                    .get(leaf.as_tensor())
+                    .cloned()
+                    .ok_or_else(|| missing("the reconstruction (g)"))?;
             let h_d = last.input.detach();
             let gw_nll = Self::weight_grad(&last, &h_d, &dy_nll)?;
             let gw_g = Self::weight_grad(&last, &h_d, &dy_g)?;
-            let n_nll = gw_nll.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?.sqrt();
-            let n_g = gw_g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?.sqrt();
+            let n_nll = gw_nll
+                .sqr()?
+                .sum_all()?
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()?
+                .sqrt();
+            let n_g = gw_g
+                .sqr()?
+                .sum_all()?
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()?
+                .sqrt();
             let w = (n_nll / (n_g + 1e-4)).clamp(0.0, 1e4) * self.disc_weight;
             norms = Some((n_nll, n_g));
             let dy = if w * f != 0.0 {
@@ -342,7 +356,7 @@ impl Gan<'_> {
         let logits_fake = self.disc.forward_train(&y.detach())?;
         let f = self.adopt(step);
         let loss = (self.disc_loss.loss(&logits_real, &logits_fake)? * f)?;
-        let mut log = BTreeMap::from([
+        let log = BTreeMap::from([
             ("disc_loss".to_string(), scalar(&loss)?),
             ("logits_real".to_string(), scalar(&logits_real)?),
             ("logits_fake".to_string(), scalar(&logits_fake)?),
@@ -421,7 +435,9 @@ impl LpipsWithDiscriminator {
             Ok(((rec.sum_all()?.broadcast_mul(&inv)? + (lv * n)?)? / b)?)
         };
         let lambda = self.config.disc_factor > 0.0;
-        let gen = self.gan().generator(x, last, global_step, lambda, &nll_of)?;
+        let gen = self
+            .gan()
+            .generator(x, last, global_step, lambda, &nll_of)?;
         let (ev, d_weight, f) = (&gen.ev, gen.d_weight, gen.f);
         // KL(q(z|x) ‖ N(0, I)), summed per image, averaged over the batch.
         let kl = ((posterior.mean.sqr()? + posterior.logvar.exp()?)? - 1.0)?;
@@ -461,7 +477,8 @@ impl LpipsWithDiscriminator {
         reconstructions: &Tensor,
         global_step: u64,
     ) -> Result<DiscriminatorStep> {
-        self.gan().discriminator_step(x, reconstructions, global_step)
+        self.gan()
+            .discriminator_step(x, reconstructions, global_step)
     }
 }
 
@@ -557,6 +574,154 @@ impl VqLpipsWithDiscriminator {
         reconstructions: &Tensor,
         global_step: u64,
     ) -> Result<DiscriminatorStep> {
-        self.gan().discriminator_step(x, reconstructions, global_step)
+        self.gan()
+            .discriminator_step(x, reconstructions, global_step)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+    use candle_nn::{Conv2dConfig, VarMap};
+
+    struct Setup {
+        vm: VarMap,
+        loss: LpipsWithDiscriminator,
+        x: Tensor,
+        h: Var,
+        conv: Conv2d,
+        moments: Var,
+    }
+
+    fn setup(disc_start: u64) -> Result<Setup> {
+        let dev = Device::Cpu;
+        let vm = VarMap::new();
+        let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
+        let cfg = KlLossConfig {
+            disc_start,
+            logvar_init: 0.2,
+            kl_weight: 1e-2,
+            disc_weight: 0.5,
+            discriminator: DiscriminatorConfig {
+                input_nc: 3,
+                ndf: 4,
+                n_layers: 1,
+            },
+            ..KlLossConfig::ldm_kl()
+        };
+        let loss = LpipsWithDiscriminator::new(cfg, Perceptual::Ssim, vb.pp("loss"))?;
+        let w = vb.get_with_hints(
+            (3, 5, 3, 3),
+            "conv_out.weight",
+            Init::Randn {
+                mean: 0.0,
+                stdev: 0.2,
+            },
+        )?;
+        let b = vb.get_with_hints(3, "conv_out.bias", Init::Const(0.1))?;
+        let conv = Conv2d::new(
+            w,
+            Some(b),
+            Conv2dConfig {
+                padding: 1,
+                ..Default::default()
+            },
+        );
+        Ok(Setup {
+            loss,
+            x: Tensor::randn(0f32, 0.5, (2, 3, 16, 16), &dev)?.clamp(-1f32, 1f32)?,
+            h: Var::randn(0f32, 1.0, (2, 5, 16, 16), &dev)?,
+            conv,
+            moments: Var::randn(0f32, 0.5, (2, 4, 4, 4), &dev)?,
+            vm,
+        })
+    }
+
+    #[test]
+    fn surrogate_gradients_equal_those_of_the_total_loss() -> Result<()> {
+        let s = setup(0)?;
+        assert_eq!(s.loss.perceptual().notice(), Some(SSIM_FALLBACK_NOTICE));
+        let post = DiagonalGaussian::from_moments(s.moments.as_tensor())?;
+        let last = LastLayer {
+            input: s.h.as_tensor(),
+            conv: &s.conv,
+        };
+        let out = s.loss.generator_step(&s.x, &post, last, 5)?;
+        let lambda = out.log["d_weight"];
+        assert!(lambda > 0.0 && out.log["disc_factor"] == 1.0);
+        // The total loss as one graph, with the same λ: its gradients must be the same.
+        let y = s.conv.forward(s.h.as_tensor())?;
+        let rec = (&s.x - &y)?
+            .abs()?
+            .broadcast_add(&Perceptual::Ssim.distance(&s.x, &y)?)?;
+        let lv = s.loss.logvar();
+        let nll = ((rec.sum_all()?.broadcast_mul(&lv.neg()?.exp()?)?
+            + (lv * rec.elem_count() as f64)?)?
+            / 2.0)?;
+        let kl = ((post.mean.sqr()? + post.logvar.exp()?)? - 1.0)?;
+        let kl = ((kl - &post.logvar)?.sum_all()? * 0.25)?;
+        let g = s
+            .loss
+            .discriminator()
+            .forward_train(&y)?
+            .mean_all()?
+            .neg()?;
+        let total = ((nll + (kl * 1e-2)?)? + (g * lambda)?)?;
+        let total_v = total.to_scalar::<f32>()? as f64;
+        assert!(
+            (total_v - out.loss).abs() <= 1e-5 * total_v.abs(),
+            "{total_v} vs {}",
+            out.loss
+        );
+        let want = total.backward()?;
+        let data =
+            s.vm.data()
+                .lock()
+                .map_err(|_| TrainError::invalid("test", "lock"))?;
+        let mut vars: Vec<(&str, Tensor)> = vec![
+            ("h", s.h.as_tensor().clone()),
+            ("moments", s.moments.as_tensor().clone()),
+        ];
+        for k in ["conv_out.weight", "conv_out.bias", "loss.logvar"] {
+            let v = data.get(k).ok_or_else(|| TrainError::invalid("test", k))?;
+            vars.push((k, v.as_tensor().clone()));
+        }
+        for (name, v) in vars {
+            let a = out
+                .grads
+                .get(&v)
+                .ok_or_else(|| TrainError::invalid("test", name))?;
+            let b = want
+                .get(&v)
+                .ok_or_else(|| TrainError::invalid("test", name))?;
+            let scale = b.abs()?.max_all()?.to_scalar::<f32>()?.max(1e-6);
+            let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(
+                diff <= 1e-4 * scale,
+                "{name}: max diff {diff}, scale {scale}"
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn before_disc_start_the_gan_term_is_off_but_lambda_is_logged() -> Result<()> {
+        let s = setup(100)?;
+        let post = DiagonalGaussian::from_moments(s.moments.as_tensor())?;
+        let last = LastLayer {
+            input: s.h.as_tensor(),
+            conv: &s.conv,
+        };
+        let out = s.loss.generator_step(&s.x, &post, last, 99)?;
+        assert_eq!(out.log["disc_factor"], 0.0);
+        assert!(out.log["d_weight"] > 0.0);
+        let want = out.log["nll_loss"] + 1e-2 * out.log["kl_loss"];
+        assert!((out.loss - want).abs() <= 1e-9 * want.abs());
+        let d = s.loss.discriminator_step(&s.x, &out.reconstructions, 99)?;
+        assert_eq!(d.loss.to_scalar::<f32>()?, 0.0);
+        let d = s.loss.discriminator_step(&s.x, &out.reconstructions, 100)?;
+        assert!(d.loss.to_scalar::<f32>()? > 0.0);
+        Ok(())
     }
 }

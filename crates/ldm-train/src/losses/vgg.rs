@@ -14,8 +14,13 @@ use candle_nn::{Conv2d, Conv2dConfig};
 use crate::{Result, TrainError};
 
 /// `features.N` indices of the convolutions, grouped by slice (a max-pool opens every slice but the first).
-pub const VGG16_CONV_SLICES: [&[usize]; 5] =
-    [&[0, 2], &[5, 7], &[10, 12, 14], &[17, 19, 21], &[24, 26, 28]];
+pub const VGG16_CONV_SLICES: [&[usize]; 5] = [
+    &[0, 2],
+    &[5, 7],
+    &[10, 12, 14],
+    &[17, 19, 21],
+    &[24, 26, 28],
+];
 
 /// VGG16 `features` up to `relu5_3`, frozen (its weights are plain tensors, not variables).
 #[derive(Debug, Clone)]
@@ -66,7 +71,11 @@ impl Vgg16Features {
                 if b.dims() != [dims[0]] {
                     return Err(bad(
                         source,
-                        format!("`features.{i}.bias` is {:?}, expected [{}]", b.dims(), dims[0]),
+                        format!(
+                            "`features.{i}.bias` is {:?}, expected [{}]",
+                            b.dims(),
+                            dims[0]
+                        ),
                     ));
                 }
                 in_ch = dims[0];
@@ -130,7 +139,12 @@ mod tests {
     #[test]
     fn max_pool_passes_the_whole_gradient_to_the_maximum() -> Result<()> {
         let x = Var::from_tensor(&Tensor::new(
-            &[[[[1f32, 5., 0., -1.], [2., 3., 4., 7.], [9., 1., 1., 1.], [0., 0., 2., 8.]]]],
+            &[[[
+                [1f32, 5., 0., -1.],
+                [2., 3., 4., 7.],
+                [9., 1., 1., 1.],
+                [0., 0., 2., 8.],
+            ]]],
             &Device::Cpu,
         )?)?;
         let y = max_pool_2x2(x.as_tensor())?;
@@ -138,7 +152,9 @@ mod tests {
         let g = y.sum_all()?.backward()?;
         let gx = g.get(x.as_tensor()).map(|t| t.flatten_all()).transpose()?;
         let gx = gx.map(|t| t.to_vec1::<f32>()).transpose()?;
-        let want = vec![0f32, 1., 0., 0., 0., 0., 0., 1., 1., 0., 0., 0., 0., 0., 0., 1.];
+        let want = vec![
+            0f32, 1., 0., 0., 0., 0., 0., 1., 1., 0., 0., 0., 0., 0., 0., 1.,
+        ];
         assert_eq!(gx, Some(want));
         Ok(())
     }
