@@ -12,6 +12,7 @@ mod img2img;
 mod info;
 mod inpaint;
 mod output;
+mod train;
 mod txt2img;
 
 #[derive(Parser)]
@@ -42,6 +43,10 @@ enum Command {
     Semantic2img(Box<conditioned::Semantic2imgCmd>),
     /// Super-resolution: LDM-SR or the SD x4 upscaler (`--image FILE`, optional prompt and --noise-level).
     Upscale(Box<conditioned::UpscaleCmd>),
+    /// Train a latent diffusion model from a recipe (`--config RECIPE.toml`); Ctrl-C saves and stops.
+    Train(train::TrainArgs),
+    /// Train a KL or VQ autoencoder (first stage) from a recipe.
+    TrainAutoencoder(train::TrainArgs),
     /// Describe a checkpoint: form, family, prediction type, dtypes, parameters per component.
     Info {
         /// A .safetensors / .ckpt file or a diffusers folder.
@@ -123,6 +128,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Semantic2img(a) => conditioned::run_semantic(*a),
         Command::Upscale(a) => conditioned::run_upscale(*a),
         Command::Inpaint(a) => inpaint::run(*a),
+        Command::Train(a) => train::run_ldm(a),
+        Command::TrainAutoencoder(a) => train::run_autoencoder(a),
         Command::Txt2img(a) => {
             let prompt = a
                 .text
@@ -161,6 +168,9 @@ fn main() -> ExitCode {
             let usage = matches!(
                 e.downcast_ref::<PipelineError>(),
                 Some(PipelineError::Invalid { .. })
+            ) || matches!(
+                e.downcast_ref::<ldm_train::TrainError>(),
+                Some(ldm_train::TrainError::Invalid { .. } | ldm_train::TrainError::Recipe { .. })
             );
             ExitCode::from(if usage { 2 } else { 1 })
         }

@@ -719,7 +719,7 @@ fn ddconfig_from_original(d: &OriginalDdConfig) -> std::result::Result<DdConfig,
     })
 }
 
-fn first_stage_from_original(
+pub fn first_stage_from_original(
     f: &OriginalFirstStage,
 ) -> std::result::Result<FirstStageSpec, String> {
     Ok(match f {

@@ -21,8 +21,14 @@ pub fn save_grid(images: &Tensor, cols: usize, path: &Path) -> Result<()> {
     let rows = b.div_ceil(cols);
     let pad = 2;
     let (gh, gw) = (rows * (h + pad) + pad, cols * (w + pad) + pad);
-    let imgs = images.to_device(&Device::Cpu)?.to_dtype(candle_core::DType::F32)?;
-    let imgs = if c == 1 { imgs.repeat((1, 3, 1, 1))? } else { imgs };
+    let imgs = images
+        .to_device(&Device::Cpu)?
+        .to_dtype(candle_core::DType::F32)?;
+    let imgs = if c == 1 {
+        imgs.repeat((1, 3, 1, 1))?
+    } else {
+        imgs
+    };
     let data = imgs.flatten_all()?.to_vec1::<f32>()?;
     let mut grid = vec![1f32; 3 * gh * gw];
     for i in 0..b {
@@ -69,9 +75,17 @@ pub fn sample_grid(model: &Path, recipe: &LdmRecipe, out: &Path, seed: u64) -> R
         CondSpec::Class(c) => {
             let classes = c.null_class.unwrap_or(c.n_classes).min(s.count).max(1);
             let labels: Vec<usize> = (0..s.count).map(|i| i % classes).collect();
-            let req = request("", s.count).validate(&models.spec, seed).map_err(pipe_err)?;
-            let g = sample_with_rng(&models, &req, &Condition::Classes(labels), &mut rng, &mut |_, _| {})
+            let req = request("", s.count)
+                .validate(&models.spec, seed)
                 .map_err(pipe_err)?;
+            let g = sample_with_rng(
+                &models,
+                &req,
+                &Condition::Classes(labels),
+                &mut rng,
+                &mut |_, _| {},
+            )
+            .map_err(pipe_err)?;
             (g.images, classes)
         }
         CondSpec::Text(_) => {
@@ -83,15 +97,24 @@ pub fn sample_grid(model: &Path, recipe: &LdmRecipe, out: &Path, seed: u64) -> R
             let per = s.count.div_ceil(prompts.len()).max(1);
             let mut all = Vec::new();
             for p in &prompts {
-                let req = request(p, per).validate(&models.spec, seed).map_err(pipe_err)?;
-                let g = ldm_pipeline::txt2img::txt2img_with_rng(&models, &req, &mut rng, &mut |_, _| {})
+                let req = request(p, per)
+                    .validate(&models.spec, seed)
                     .map_err(pipe_err)?;
+                let g = ldm_pipeline::txt2img::txt2img_with_rng(
+                    &models,
+                    &req,
+                    &mut rng,
+                    &mut |_, _| {},
+                )
+                .map_err(pipe_err)?;
                 all.push(g.images);
             }
             (Tensor::cat(&all, 0)?, per)
         }
         _ => {
-            let req = request("", s.count).validate(&models.spec, seed).map_err(pipe_err)?;
+            let req = request("", s.count)
+                .validate(&models.spec, seed)
+                .map_err(pipe_err)?;
             let g = sample_with_rng(&models, &req, &Condition::None, &mut rng, &mut |_, _| {})
                 .map_err(pipe_err)?;
             let cols = (s.count as f64).sqrt().ceil() as usize;

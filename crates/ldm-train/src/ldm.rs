@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, Var};
-use candle_nn::{VarBuilder, VarMap};
+use candle_nn::VarMap;
 use ldm_core::rng::{NoiseRng, TorchRng};
 use ldm_core::weights::WeightStore;
 use ldm_models::autoencoder::{Encoded, FirstStage};
@@ -26,12 +26,15 @@ use ldm_sampling::schedule::Schedule;
 use ldm_sampling::{PredictionType, SamplerKind};
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::{restore_params, save_safetensors, snapshot, CheckpointDir, TrainCheckpoint};
+use crate::checkpoint::{
+    restore_params, save_safetensors, snapshot, CheckpointDir, TrainCheckpoint,
+};
 use crate::data::{Dataset, LatentCache, Loader, LoaderConfig, LoaderPosition};
 use crate::diffusion::{dropout_mask, DiffusionObjective, Prediction};
 use crate::ema::Ema;
 use crate::error::{Result, TrainError};
 use crate::grad::{clip_grad_norm, GradAccumulator};
+use crate::init::SeededVarMap;
 use crate::log::JsonlLog;
 use crate::lr::LrSchedule;
 use crate::optim::{AdamW, AdamWConfig};
@@ -128,8 +131,16 @@ struct Setup {
 
 fn build(recipe: &LdmRecipe, device: &Device) -> Result<Setup> {
     let cfg = diffusion_config(&recipe.model)?;
-    let fs_store = recipe.first_stage.as_deref().map(first_stage_store).transpose()?;
-    let init_store = recipe.init.as_deref().map(|p| open_store(p, "")).transpose()?;
+    let fs_store = recipe
+        .first_stage
+        .as_deref()
+        .map(first_stage_store)
+        .transpose()?;
+    let init_store = recipe
+        .init
+        .as_deref()
+        .map(|p| open_store(p, ""))
+        .transpose()?;
     let empty = WeightStore::new(recipe.model.display().to_string());
     let spec_store = init_store.as_ref().or(fs_store.as_ref()).unwrap_or(&empty);
     let spec = ModelSpec::from_original(&cfg, spec_store, &recipe.model.display().to_string())
@@ -146,7 +157,7 @@ fn build(recipe: &LdmRecipe, device: &Device) -> Result<Setup> {
         ));
     }
     let varmap = VarMap::new();
-    let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
+    let vb = SeededVarMap::new(varmap.clone(), recipe.train.seed).var_builder(DType::F32, device);
     let tokenizer = builtin_tokenizer(&spec).map_err(model_err)?;
     let models = SdModels::build_with(spec.clone(), tokenizer, vb, device).map_err(model_err)?;
     let prefixes = trainable_prefixes(&spec);
@@ -186,8 +197,7 @@ fn build(recipe: &LdmRecipe, device: &Device) -> Result<Setup> {
     if let Some(store) = &init_store {
         load_into(&trainable, store, true, "trained model")?;
     }
-    let schedule =
-        Schedule::from_config(&spec.scheduler, SamplerKind::Ddim).map_err(model_err)?;
+    let schedule = Schedule::from_config(&spec.scheduler, SamplerKind::Ddim).map_err(model_err)?;
     let prediction = match spec.prediction() {
         PredictionType::Epsilon => Prediction::Epsilon,
         PredictionType::VPrediction => Prediction::V,
@@ -223,7 +233,8 @@ fn sample_latent(
             let c = moments.dim(1)? / 2;
             let mean = moments.narrow(1, 0, c)?;
             let std = (moments.narrow(1, c, c)? * 0.5)?.exp()?;
-            let noise = Tensor::from_vec(rng.randn(mean.elem_count()), mean.shape(), mean.device())?;
+            let noise =
+                Tensor::from_vec(rng.randn(mean.elem_count()), mean.shape(), mean.device())?;
             (mean + (std * noise)?)?
         }
         _ => moments.clone(),
@@ -310,7 +321,11 @@ pub fn train_ldm(
         s.spec.describe(),
         s.spec.conditioning(),
         s.trainable.len(),
-        s.trainable.iter().map(|(_, v)| v.elem_count()).sum::<usize>() as f64 / 1e6,
+        s.trainable
+            .iter()
+            .map(|(_, v)| v.elem_count())
+            .sum::<usize>() as f64
+            / 1e6,
         s.frozen.len()
     )));
     let (ds, report) = open_dataset(&recipe.data)?;
@@ -320,7 +335,11 @@ pub fn train_ldm(
         }
     }
     check_data(&s, &ds)?;
-    on_event(Event::Message(format!("data: {} images of {}²", ds.len(), recipe.data.size)));
+    on_event(Event::Message(format!(
+        "data: {} images of {}²",
+        ds.len(),
+        recipe.data.size
+    )));
 
     // Encode the data set once (posterior moments), or per step.
     let cache = if t.cache_latents {
@@ -328,7 +347,10 @@ pub fn train_ldm(
         let c = LatentCache::encode(&ds, t.batch_size, &device, |x| {
             Ok(encode_moments(fs, &match_channels(x, &s.spec)?)?)
         })?;
-        on_event(Event::Message(format!("latents cached: {:?}", c.latents().dims())));
+        on_event(Event::Message(format!(
+            "latents cached: {:?}",
+            c.latents().dims()
+        )));
         Some(c)
     } else {
         None
@@ -358,10 +380,11 @@ pub fn train_ldm(
                     reason: format!("a `{}` checkpoint, not an LDM run's", ck.model_kind),
                 });
             }
-            let state: RunState = serde_json::from_str(&ck.config).map_err(|e| TrainError::Checkpoint {
-                path: path.clone(),
-                reason: format!("run state: {e}"),
-            })?;
+            let state: RunState =
+                serde_json::from_str(&ck.config).map_err(|e| TrainError::Checkpoint {
+                    path: path.clone(),
+                    reason: format!("run state: {e}"),
+                })?;
             restore_params(&s.trainable, &ck.model)?;
             if let Some(opt) = ck.optimizers.get("optim") {
                 optim.load_state(opt)?;
@@ -377,8 +400,17 @@ pub fn train_ldm(
                 path: path.clone(),
                 reason: e.to_string(),
             })?;
-            on_event(Event::Message(format!("resumed from {} at step {}", path.display(), ck.step)));
-            (ck.step, rng, Loader::resume(loader_cfg, state.loader)?, state.latent_scale)
+            on_event(Event::Message(format!(
+                "resumed from {} at step {}",
+                path.display(),
+                ck.step
+            )));
+            (
+                ck.step,
+                rng,
+                Loader::resume(loader_cfg, state.loader)?,
+                state.latent_scale,
+            )
         }
         _ => {
             let scale = if s.scale_by_std {
@@ -399,7 +431,9 @@ pub fn train_ldm(
                 let var = std.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>()
                     / (std.len().max(2) - 1) as f64;
                 let scale = 1.0 / var.sqrt().max(1e-8);
-                on_event(Event::Message(format!("scale_by_std: latent scale {scale:.5}")));
+                on_event(Event::Message(format!(
+                    "scale_by_std: latent scale {scale:.5}"
+                )));
                 scale
             } else {
                 s.spec.latent_scale
@@ -411,8 +445,16 @@ pub fn train_ldm(
     let mut log = JsonlLog::append(&opts.out.join("train.jsonl"))?;
     let started = Instant::now();
     log.event(step, 0.0, if step > 0 { "resume" } else { "start" })?;
-    on_event(Event::Start { from_step: step, total });
-    let save = |step: u64, rng: &TorchRng, loader: &Loader, optim: &AdamW, ema: &Option<Ema>| -> Result<PathBuf> {
+    on_event(Event::Start {
+        from_step: step,
+        total,
+    });
+    let save = |step: u64,
+                rng: &TorchRng,
+                loader: &Loader,
+                optim: &AdamW,
+                ema: &Option<Ema>|
+     -> Result<PathBuf> {
         let state = RunState {
             recipe: recipe_text.to_string(),
             loader: loader.position(),
@@ -421,7 +463,8 @@ pub fn train_ldm(
         let ck = TrainCheckpoint {
             model_kind: KIND.into(),
             step,
-            config: serde_json::to_string(&state).map_err(|e| TrainError::invalid("run state", e.to_string()))?,
+            config: serde_json::to_string(&state)
+                .map_err(|e| TrainError::invalid("run state", e.to_string()))?,
             rng: BTreeMap::from([("noise".to_string(), rng.state())]),
             model: snapshot(&s.trainable)?,
             ema: ema.as_ref().map(|e| e.state()),
@@ -448,7 +491,10 @@ pub fn train_ldm(
                 }
                 None => {
                     let b = loader.next_batch(&ds, &device)?;
-                    let m = encode_moments(&s.models.first_stage, &match_channels(&b.images, &s.spec)?)?;
+                    let m = encode_moments(
+                        &s.models.first_stage,
+                        &match_channels(&b.images, &s.spec)?,
+                    )?;
                     (m.detach(), b.labels, b.captions)
                 }
             };
@@ -501,14 +547,33 @@ pub fn train_ldm(
             on_event(Event::Saved(&p));
         }
         if t.sample_every > 0 && step % t.sample_every == 0 && step < total {
-            let model = export(&s, ema.as_mut(), &opts.out.join("samples").join("model.safetensors"), recipe, latent_scale)?;
-            let grid = crate::grid::sample_grid(&model, recipe, &opts.out.join("samples").join(format!("step-{step:06}.png")), t.seed)?;
+            let model = export(
+                &s,
+                ema.as_mut(),
+                &opts.out.join("samples").join("model.safetensors"),
+                recipe,
+                latent_scale,
+            )?;
+            let grid = crate::grid::sample_grid(
+                &model,
+                recipe,
+                &opts.out.join("samples").join(format!("step-{step:06}.png")),
+                t.seed,
+            )?;
             on_event(Event::Saved(&grid));
         }
     }
     let elapsed = started.elapsed().as_secs_f64();
     let ckpt = save(step, &rng, &loader, &optim, &ema)?;
-    log.event(step, elapsed, if interrupted { "interrupted" } else { "checkpoint" })?;
+    log.event(
+        step,
+        elapsed,
+        if interrupted {
+            "interrupted"
+        } else {
+            "checkpoint"
+        },
+    )?;
     on_event(Event::Saved(&ckpt));
     let mut summary = Summary {
         step,
@@ -522,7 +587,13 @@ pub fn train_ldm(
     if interrupted || step < t.steps {
         return Ok(summary);
     }
-    let exported = export(&s, ema.as_mut(), &opts.out.join("model.safetensors"), recipe, latent_scale)?;
+    let exported = export(
+        &s,
+        ema.as_mut(),
+        &opts.out.join("model.safetensors"),
+        recipe,
+        latent_scale,
+    )?;
     on_event(Event::Saved(&exported));
     let curve = opts.out.join("loss.png");
     crate::plot::write_png(&curve, &crate::log::read_series(log.path(), "train")?)?;
@@ -591,12 +662,16 @@ fn export(
         e.swap()?;
     }
     if s.scale_by_std {
-        tensors.push(("scale_factor".into(), Tensor::new(latent_scale as f32, &Device::Cpu)?));
+        tensors.push((
+            "scale_factor".into(),
+            Tensor::new(latent_scale as f32, &Device::Cpu)?,
+        ));
     }
     let refs: Vec<(String, &Tensor)> = tensors.iter().map(|(k, t)| (k.clone(), t)).collect();
     let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
     save_safetensors(path, &refs, &meta)?;
-    let yaml = std::fs::read_to_string(&recipe.model).map_err(|e| TrainError::io(&recipe.model, e))?;
+    let yaml =
+        std::fs::read_to_string(&recipe.model).map_err(|e| TrainError::io(&recipe.model, e))?;
     let yaml_path = path.with_extension("yaml");
     ldm_core::image::write_atomic(&yaml_path, yaml.as_bytes())?;
     Ok(path.to_path_buf())

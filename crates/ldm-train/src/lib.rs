@@ -1,6 +1,7 @@
 //! ldm-train: training the system of Rombach et al. 2022 — autoencoders (KL and VQ, with perceptual and
 //! adversarial losses) and latent diffusion models (ε/v objective, classifier-free-guidance dropout), fine-tuning
 //! and LoRA, with optimiser, EMA, checkpoints that resume bit-exactly, and data readers.
+pub mod autoencoder;
 pub mod checkpoint;
 pub mod data;
 pub mod diffusion;
@@ -8,6 +9,7 @@ pub mod ema;
 pub mod error;
 pub mod grad;
 pub mod grid;
+pub mod init;
 pub mod ldm;
 pub mod log;
 pub mod losses;

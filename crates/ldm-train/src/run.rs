@@ -31,7 +31,10 @@ impl RunOptions {
 #[derive(Debug)]
 pub enum Event<'a> {
     Message(String),
-    Start { from_step: u64, total: u64 },
+    Start {
+        from_step: u64,
+        total: u64,
+    },
     Step {
         step: u64,
         total: u64,

@@ -72,7 +72,11 @@ pub fn split_holdout(
 ) -> Result<(ImageDataset, Option<ImageDataset>)> {
     let n = ds.examples().len();
     let k = ((n as f64 * fraction).round() as usize).min(n.saturating_sub(1));
-    let k = if fraction > 0.0 && n >= 2 { k.max(1) } else { k };
+    let k = if fraction > 0.0 && n >= 2 {
+        k.max(1)
+    } else {
+        k
+    };
     if k == 0 {
         return Ok((ds, None));
     }
@@ -121,7 +125,10 @@ pub fn open_store(path: &Path, prefix: &str) -> Result<WeightStore> {
 
 /// Every variable of `varmap` whose name starts with one of `prefixes`, sorted by name.
 pub fn vars_under(varmap: &VarMap, prefixes: &[&str]) -> Vec<(String, Var)> {
-    let data = varmap.data().lock().expect("invariant: the VarMap lock is not poisoned");
+    let data = varmap
+        .data()
+        .lock()
+        .expect("invariant: the VarMap lock is not poisoned");
     let mut out: Vec<(String, Var)> = data
         .iter()
         .filter(|(k, _)| prefixes.iter().any(|p| k.starts_with(p)))
