@@ -1,7 +1,12 @@
 //! ldm-train: training the system of Rombach et al. 2022 — autoencoders (KL and VQ, with perceptual and
 //! adversarial losses) and latent diffusion models (ε/v objective, classifier-free-guidance dropout), fine-tuning
 //! and LoRA, with optimiser, EMA, checkpoints that resume bit-exactly, and data readers.
+pub mod checkpoint;
 pub mod diffusion;
+pub mod ema;
 pub mod error;
+pub mod grad;
+pub mod lr;
+pub mod optim;
 
 pub use error::{Result, TrainError};
