@@ -39,7 +39,8 @@ const LOSS_REL: f64 = 1e-5;
 const GRAD_R: f32 = 1e-3;
 const GRAD_FLOOR: f32 = 1e-4;
 
-type TestResult = std::result::Result<(), Box<dyn std::error::Error>>;
+type BoxError = Box<dyn std::error::Error>;
+type TestResult = std::result::Result<(), BoxError>;
 
 fn fixture(file: &str) -> PathBuf {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -71,7 +72,7 @@ fn config() -> UnetConfig {
 }
 
 /// A trainable UNet whose variables hold the fixture's weights; fails on any missing or unused weight.
-fn trainable_unet(dev: &Device) -> Result<(Unet, Vec<(String, Var)>), Box<dyn std::error::Error>> {
+fn trainable_unet(dev: &Device) -> Result<(Unet, Vec<(String, Var)>), BoxError> {
     let varmap = VarMap::new();
     let unet = Unet::new(VarBuilder::from_varmap(&varmap, DType::F32, dev), &config())?;
     let weights = candle_core::safetensors::load(fixture("model.safetensors"), dev)?;
@@ -267,7 +268,7 @@ fn unet_adamw_step_matches_torch() -> TestResult {
                     .ok_or(format!("no gradient for `{k}`"))?;
                 Ok((k.as_str(), flat(g)?))
             })
-            .collect::<Result<_, Box<dyn std::error::Error>>>()?;
+            .collect::<Result<_, BoxError>>()?;
         let mut opt = AdamW::new(vars.clone(), config)?;
         opt.step(&grads, config.lr)?;
         let (mut compared, mut worst) = (0, 0f32);
