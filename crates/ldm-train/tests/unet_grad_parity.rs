@@ -17,14 +17,21 @@
 //!   tensor's scale), not with the tiny result, and gradient scales differ by orders of magnitude across
 //!   tensors, so one absolute A cannot fit all. The script checks torch's own f32 gradients against f64
 //!   under this same bar: worst 0.03 of it.
-//! - One AdamW step (lr 1e-2, β (0.9, 0.999), ε 1e-8, weight decay 0.1) on the ε-loss gradients: see
-//!   `adamw.*` in the fixture (compared where an AdamW is available to this crate).
+//! - One [`AdamW`] step (lr 1e-2, β (0.9, 0.999), ε 1e-8, weight decay 0.1) on the ε-loss gradients equals
+//!   `torch.optim.AdamW`'s (fixture `adamw.*`, 11 parameter tensors of every kind): from torch's own
+//!   gradients within |x − y| ≤ max(1e-6·|x + y|, 1e-7) (the optimiser's own parity bar,
+//!   tests/adamw_parity.rs), and from our gradients within that bar plus the first-order effect of the
+//!   gradient difference on the step: the first step moves θ by −γ·g/(|g| + ε) (m̂ = g, √v̂ = |g|), whose
+//!   derivative in g is γε/(|g| + ε)², so each value may move by a further 2·γε·|g_ours − g_torch|/(|g| + ε)²
+//!   (factor 2 for the higher orders). This matters only for gradients within a few ε of zero.
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use ldm_core::rng::TorchRng;
 use ldm_models::unet::{HeadSpec, Unet, UnetConfig};
 use ldm_sampling::schedule::{BetaSchedule, Schedule};
 use ldm_train::diffusion::{DiffusionObjective, Prediction};
+use ldm_train::optim::{AdamW, AdamWConfig};
+use std::collections::HashMap;
 use std::path::PathBuf;
 
 const SEED: u64 = 1234;
@@ -32,7 +39,8 @@ const LOSS_REL: f64 = 1e-5;
 const GRAD_R: f32 = 1e-3;
 const GRAD_FLOOR: f32 = 1e-4;
 
-type TestResult = std::result::Result<(), Box<dyn std::error::Error>>;
+type BoxError = Box<dyn std::error::Error>;
+type TestResult = std::result::Result<(), BoxError>;
 
 fn fixture(file: &str) -> PathBuf {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -64,7 +72,7 @@ fn config() -> UnetConfig {
 }
 
 /// A trainable UNet whose variables hold the fixture's weights; fails on any missing or unused weight.
-fn trainable_unet(dev: &Device) -> Result<(Unet, Vec<(String, Var)>), Box<dyn std::error::Error>> {
+fn trainable_unet(dev: &Device) -> Result<(Unet, Vec<(String, Var)>), BoxError> {
     let varmap = VarMap::new();
     let unet = Unet::new(VarBuilder::from_varmap(&varmap, DType::F32, dev), &config())?;
     let weights = candle_core::safetensors::load(fixture("model.safetensors"), dev)?;
@@ -197,6 +205,94 @@ fn unet_eps_and_v_loss_gradients_match_torch() -> TestResult {
         assert_eq!(compared, expected, "{name}: gradients compared");
         report.push(format!(
             "{name}: {compared} gradients, worst {worst:.3} of the bar at `{worst_name}`, max |x − y| {worst_abs:.3e}"
+        ));
+    }
+    eprintln!("{}", report.join("\n"));
+    Ok(())
+}
+
+/// Per element: |x − y| ≤ max(1e-6·|x + y|, 1e-7) + extra(i). Returns (number of violations, worst |x − y|).
+fn adamw_error(x: &[f32], y: &[f32], extra: impl Fn(usize) -> f32) -> (usize, f32) {
+    let mut bad = 0;
+    let mut worst = 0f32;
+    for (i, (&a, &b)) in x.iter().zip(y).enumerate() {
+        let d = (a - b).abs();
+        worst = worst.max(d);
+        if d > (1e-6 * (a + b).abs()).max(1e-7) + extra(i) {
+            bad += 1;
+        }
+    }
+    (bad, worst)
+}
+
+#[test]
+fn unet_adamw_step_matches_torch() -> TestResult {
+    let dev = Device::Cpu;
+    let reference = candle_core::safetensors::load(fixture("ref.safetensors"), &dev)?;
+    let r = |k: &str| -> Result<&Tensor, String> {
+        reference
+            .get(k)
+            .ok_or_else(|| format!("ref.safetensors has no `{k}`"))
+    };
+    let config = AdamWConfig {
+        lr: 1e-2,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.1,
+    };
+    let mut report = Vec::new();
+    for source in ["torch gradients", "our gradients"] {
+        let (unet, vars) = trainable_unet(&dev)?;
+        let obj = objective(Prediction::Epsilon);
+        let want_t: Vec<usize> = r("t")?
+            .to_vec1::<i64>()?
+            .iter()
+            .map(|&t| t as usize)
+            .collect();
+        let input = obj.training_input(r("z0")?, r("eps")?, &want_t)?;
+        let pred = unet.forward(&input.z_t, &input.t, r("context")?)?;
+        let mut grads = obj.loss(&pred, &input.target)?.backward()?;
+        if source == "torch gradients" {
+            for (k, var) in &vars {
+                grads.insert(var.as_tensor(), r(&format!("grad.{k}"))?.clone());
+            }
+        }
+        // Our gradients of the compared tensors, before the step consumes them.
+        let ours: HashMap<&str, Vec<f32>> = vars
+            .iter()
+            .filter(|(k, _)| reference.contains_key(&format!("adamw.{k}")))
+            .map(|(k, var)| {
+                let g = grads
+                    .get(var.as_tensor())
+                    .ok_or(format!("no gradient for `{k}`"))?;
+                Ok((k.as_str(), flat(g)?))
+            })
+            .collect::<Result<_, BoxError>>()?;
+        let mut opt = AdamW::new(vars.clone(), config)?;
+        opt.step(&grads, config.lr)?;
+        let (mut compared, mut worst) = (0, 0f32);
+        for (k, var) in &vars {
+            let Some(want) = reference.get(&format!("adamw.{k}")) else {
+                continue;
+            };
+            let g_torch = flat(r(&format!("grad.{k}"))?)?;
+            let g_ours = &ours[k.as_str()];
+            let (lr, eps) = (config.lr as f32, config.eps as f32);
+            let extra = |i: usize| {
+                2.0 * lr * eps * (g_ours[i] - g_torch[i]).abs() / (g_torch[i].abs() + eps).powi(2)
+            };
+            let (bad, w) = adamw_error(&flat(var.as_tensor())?, &flat(want)?, extra);
+            assert_eq!(
+                bad, 0,
+                "AdamW step from {source}: {bad} values of `{k}` off (max |x − y| {w:e})"
+            );
+            worst = worst.max(w);
+            compared += 1;
+        }
+        assert_eq!(compared, 11, "AdamW: parameter tensors compared");
+        report.push(format!(
+            "AdamW step from {source}: {compared} tensors, max |x − y| {worst:.3e}"
         ));
     }
     eprintln!("{}", report.join("\n"));
