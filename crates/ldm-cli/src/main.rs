@@ -96,6 +96,10 @@ struct Txt2imgArgs {
     /// large images.
     #[arg(long, value_name = "PX")]
     tile_vae: Option<usize>,
+    /// A kohya/AUTOMATIC1111 LoRA (.safetensors) merged into the weights at load, with a weight (default 1).
+    /// Repeatable.
+    #[arg(long, value_name = "FILE[:WEIGHT]")]
+    lora: Vec<String>,
     #[arg(long, short, default_value = "ldm-output.png")]
     output: PathBuf,
 }
@@ -147,7 +151,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 noise: a.noise,
                 tile_vae: a.tile_vae,
             };
-            txt2img::run(&model, config_override(&a.config).as_ref(), &req, &a.output)
+            let loras: Vec<(PathBuf, f64)> = a
+                .lora
+                .iter()
+                .map(|l| ldm_pipeline::lora::parse_lora_arg(l))
+                .collect();
+            txt2img::run(
+                &model,
+                config_override(&a.config).as_ref(),
+                &loras,
+                &req,
+                &a.output,
+            )
         }
     }
 }

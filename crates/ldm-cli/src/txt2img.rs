@@ -1,5 +1,5 @@
 //! `ldm txt2img`.
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use candle_core::Device;
@@ -9,10 +9,11 @@ use ldm_pipeline::{ConfigOverride, GenerateRequest, SdModels};
 pub fn run(
     model: &Path,
     config: Option<&ConfigOverride>,
+    loras: &[(PathBuf, f64)],
     req: &GenerateRequest,
     output: &Path,
 ) -> anyhow::Result<()> {
-    let opened = ldm_pipeline::open(model, config)?;
+    let mut opened = ldm_pipeline::open(model, config)?;
     let random_seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64 & 0xFFFF_FFFF)
@@ -30,6 +31,14 @@ pub fn run(
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
+    let lora = ldm_pipeline::lora::apply_loras(&mut opened, loras)?;
+    if !lora.files.is_empty() {
+        eprintln!(
+            "LoRA: {} modules merged into {} weights",
+            lora.modules_matched(),
+            lora.keys.len()
+        );
+    }
     let models = SdModels::build(opened, &Device::Cpu)?;
 
     let bar = ProgressBar::new(0).with_style(
