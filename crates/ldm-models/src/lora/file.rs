@@ -59,6 +59,8 @@ pub struct LoraFile {
     pub metadata: HashMap<String, String>,
 }
 
+const STRAY: &str = "a tensor that is not part of a kohya LoRA";
+
 /// What a tensor of a LoRA-like file is.
 enum Part {
     Down,
@@ -94,7 +96,7 @@ fn classify(name: &str) -> (String, Part) {
             Part::Other("LyCORIS GLoRA")
         }
         _ if module == "bundle_emb" => Part::Other("textual-inversion embeddings bundled in a LoRA"),
-        _ => Part::Other("a tensor that is not part of a kohya LoRA"),
+        _ => Part::Other(STRAY),
     };
     (module.to_string(), part)
 }
@@ -130,11 +132,17 @@ pub fn read_lora(path: &Path) -> Result<LoraFile> {
             Part::Other(kind) => other.entry(kind).or_insert((module, 0)).1 += 1,
         }
     }
-    let lora_modules = modules
-        .values()
-        .filter(|p| p.down.is_some() || p.up.is_some())
-        .count();
-    if lora_modules == 0 {
+    let unsupported = |kind: &'static str, (module, count): (String, usize)| LoraError::Unsupported {
+        path: path.to_path_buf(),
+        kind,
+        module,
+        count,
+    };
+    // A LyCORIS/PEFT part fails the file, even beside plain LoRA modules: applying half a network would be wrong.
+    if let Some(kind) = other.keys().copied().find(|k| *k != STRAY) {
+        return Err(unsupported(kind, other[kind].clone()));
+    }
+    if !modules.values().any(|p| p.down.is_some() || p.up.is_some()) {
         return Err(LoraError::NotLora {
             path: path.to_path_buf(),
             reason: format!(
@@ -143,15 +151,11 @@ pub fn read_lora(path: &Path) -> Result<LoraFile> {
             ),
         });
     }
-    // Any LyCORIS/PEFT part, or a stray tensor, fails the file: applying half of a network would be wrong.
-    if let Some((kind, (module, count))) = other.into_iter().next() {
-        return Err(LoraError::Unsupported {
-            path: path.to_path_buf(),
-            kind,
-            module,
-            count,
-        });
+    if let Some(stray) = other.remove(STRAY) {
+        return Err(unsupported(STRAY, stray));
     }
+    // modules with only tensors of another kind were reported above
+    modules.retain(|_, p| p.down.is_some() || p.up.is_some() || p.alpha.is_some());
     let mut out = Vec::with_capacity(modules.len());
     for (module, parts) in modules {
         out.push(read_module(&file, path, module, parts)?);
