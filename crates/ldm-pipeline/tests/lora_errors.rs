@@ -20,7 +20,12 @@ fn model() -> PathBuf {
 fn write(dir: &Path, name: &str, tensors: &[(&str, Vec<usize>)]) -> R<PathBuf> {
     let map: HashMap<String, Tensor> = tensors
         .iter()
-        .map(|(k, s)| Ok((k.to_string(), Tensor::ones(s.as_slice(), DType::F32, &Device::Cpu)?)))
+        .map(|(k, s)| {
+            Ok((
+                k.to_string(),
+                Tensor::ones(s.as_slice(), DType::F32, &Device::Cpu)?,
+            ))
+        })
         .collect::<R<_>>()?;
     let path = dir.join(name);
     candle_core::safetensors::save(&map, &path)?;
@@ -38,7 +43,10 @@ fn lora(module: &str, down: Vec<usize>, up: Vec<usize>) -> Vec<(String, Vec<usiz
 /// Applies `tensors` as a LoRA file to sd1-tiny; returns the LoRA error, checking that `to_q` was not patched.
 fn fail(tensors: Vec<(String, Vec<usize>)>) -> R<LoraError> {
     let dir = tempfile::tempdir()?;
-    let t: Vec<(&str, Vec<usize>)> = tensors.iter().map(|(k, s)| (k.as_str(), s.clone())).collect();
+    let t: Vec<(&str, Vec<usize>)> = tensors
+        .iter()
+        .map(|(k, s)| (k.as_str(), s.clone()))
+        .collect();
     let path = write(dir.path(), "x.safetensors", &t)?;
     let mut opened = open(&model(), None)?;
     let before = opened.store.load(Q_KEY, DType::F32, &Device::Cpu)?;
@@ -57,8 +65,16 @@ fn fail(tensors: Vec<(String, Vec<usize>)>) -> R<LoraError> {
 #[test]
 fn unknown_module_names_are_listed() -> R {
     let mut t = lora(Q, vec![2, 32], vec![32, 2]);
-    t.extend(lora("lora_unet_no_such_block_to_q", vec![2, 32], vec![32, 2]));
-    t.extend(lora("lora_te1_text_model_encoder_layers_0_self_attn_q_proj", vec![2, 16], vec![16, 2]));
+    t.extend(lora(
+        "lora_unet_no_such_block_to_q",
+        vec![2, 32],
+        vec![32, 2],
+    ));
+    t.extend(lora(
+        "lora_te1_text_model_encoder_layers_0_self_attn_q_proj",
+        vec![2, 16],
+        vec![16, 2],
+    ));
     match fail(t)? {
         LoraError::UnknownModules { modules, .. } => assert_eq!(
             modules,
@@ -75,7 +91,9 @@ fn unknown_module_names_are_listed() -> R {
 #[test]
 fn rank_mismatch_between_up_and_down() -> R {
     match fail(lora(Q, vec![2, 32], vec![32, 3]))? {
-        LoraError::RankMismatch { module, down, up, .. } => {
+        LoraError::RankMismatch {
+            module, down, up, ..
+        } => {
             assert_eq!((module.as_str(), down, up), (Q, 2, 3))
         }
         e => panic!("{e}"),
@@ -86,7 +104,13 @@ fn rank_mismatch_between_up_and_down() -> R {
 #[test]
 fn delta_not_matching_the_base_weight() -> R {
     match fail(lora(Q, vec![2, 16], vec![32, 2]))? {
-        LoraError::Shape { module, key, lora, base, .. } => {
+        LoraError::Shape {
+            module,
+            key,
+            lora,
+            base,
+            ..
+        } => {
             assert_eq!(module, Q);
             assert_eq!(key, Q_KEY);
             assert_eq!((lora, base), (vec![32, 16], vec![32, 32]));
@@ -133,19 +157,38 @@ fn a_checkpoint_is_not_a_lora() -> R {
 #[test]
 fn lycoris_and_peft_files_are_refused_by_kind() -> R {
     let cases: [(&str, &[&str]); 5] = [
-        ("LoHa", &["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha"]),
+        (
+            "LoHa",
+            &["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha"],
+        ),
         ("LoKr", &["lokr_w1", "lokr_w2", "alpha"]),
-        ("Tucker", &["lora_down.weight", "lora_up.weight", "lora_mid.weight"]),
-        ("DoRA", &["lora_down.weight", "lora_up.weight", "dora_scale"]),
+        (
+            "Tucker",
+            &["lora_down.weight", "lora_up.weight", "lora_mid.weight"],
+        ),
+        (
+            "DoRA",
+            &["lora_down.weight", "lora_up.weight", "dora_scale"],
+        ),
         ("PEFT", &[]),
     ];
     for (kind, parts) in cases {
-        let mut t: Vec<(String, Vec<usize>)> =
-            parts.iter().map(|p| (format!("{Q}.{p}"), vec![2, 2])).collect();
+        let mut t: Vec<(String, Vec<usize>)> = parts
+            .iter()
+            .map(|p| (format!("{Q}.{p}"), vec![2, 2]))
+            .collect();
         if kind == "PEFT" {
             t = vec![
-                ("unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight".into(), vec![2, 32]),
-                ("unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight".into(), vec![32, 2]),
+                (
+                    "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight"
+                        .into(),
+                    vec![2, 32],
+                ),
+                (
+                    "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight"
+                        .into(),
+                    vec![32, 2],
+                ),
             ];
         }
         match fail(t)? {
@@ -171,7 +214,9 @@ fn ldm_style_names_patch_the_same_weight() -> R {
         assert_eq!(report.keys.iter().collect::<Vec<_>>(), [Q_KEY]);
         got.push(opened.store.load(Q_KEY, DType::F32, &Device::Cpu)?);
     }
-    let base = open(&model(), None)?.store.load(Q_KEY, DType::F32, &Device::Cpu)?;
+    let base = open(&model(), None)?
+        .store
+        .load(Q_KEY, DType::F32, &Device::Cpu)?;
     // ones: up @ down = 2 everywhere, alpha 1 / rank 2, weight 0.5 -> +0.5
     let want = (base + 0.5)?;
     for g in got {

@@ -52,13 +52,7 @@ fn key_maps(model: &str, open_clip: bool) -> R<(KeyMap, KeyMap)> {
 
 /// Opens `model/form`, merges `lora` at 0.7 and compares every patched weight with diffusers' fused one.
 /// `keys`: canonical keys patched (SD2 single files take q/k/v into one fused `in_proj_weight` per layer).
-fn check_merged(
-    model: &str,
-    form: &str,
-    tag: &str,
-    open_clip: bool,
-    keys: usize,
-) -> R<SdModels> {
+fn check_merged(model: &str, form: &str, tag: &str, open_clip: bool, keys: usize) -> R<SdModels> {
     let refs = refs()?;
     let mut opened = open(&fixture(&format!("{model}/{form}")), None)?;
     let lora = fixture(&format!("lora/{tag}.safetensors"));
@@ -74,7 +68,9 @@ fn check_merged(
             Some(("te", k)) => (&te_map, k),
             _ => panic!("unexpected reference `{name}`"),
         };
-        let e = map.entry(dkey).ok_or_else(|| format!("no map entry for {dkey}"))?;
+        let e = map
+            .entry(dkey)
+            .ok_or_else(|| format!("no map entry for {dkey}"))?;
         let full = opened.store.load(&e.canonical, DType::F32, &Device::Cpu)?;
         let got = match e.conversion.block() {
             Some((i, n)) => {
@@ -85,7 +81,10 @@ fn check_merged(
         }
         .reshape(want.dims())?;
         let r = max_ratio(&got, want, 1e-6, 1e-6)?;
-        assert!(r <= 1.0, "{tag} on {model}/{form}: `{dkey}` off by {r}× tolerance");
+        assert!(
+            r <= 1.0,
+            "{tag} on {model}/{form}: `{dkey}` off by {r}× tolerance"
+        );
         worst = worst.max(r);
         checked += 1;
     }

@@ -73,7 +73,13 @@ enum Part {
 fn classify(name: &str) -> (String, Part) {
     let (module, suffix) = name.split_once('.').unwrap_or((name, ""));
     // diffusers/PEFT naming keeps the module path dotted: `unet.down_blocks.0...lora.down.weight`, `lora_A`
-    let peft = [".lora_A.", ".lora_B.", ".lora.down.", ".lora.up.", "lora_linear_layer"];
+    let peft = [
+        ".lora_A.",
+        ".lora_B.",
+        ".lora.down.",
+        ".lora.up.",
+        "lora_linear_layer",
+    ];
     if peft.iter().any(|p| name.contains(p)) {
         return (
             module.to_string(),
@@ -92,10 +98,15 @@ fn classify(name: &str) -> (String, Part) {
         s if s.starts_with("hada_") => Part::Other("LyCORIS LoHa (`hada_*`)"),
         s if s.starts_with("lokr_") => Part::Other("LyCORIS LoKr (`lokr_*`)"),
         s if s.starts_with("oft_") => Part::Other("OFT (`oft_*`)"),
-        s if ["a1.", "a2.", "b1.", "b2."].iter().any(|p| s.starts_with(p)) => {
+        s if ["a1.", "a2.", "b1.", "b2."]
+            .iter()
+            .any(|p| s.starts_with(p)) =>
+        {
             Part::Other("LyCORIS GLoRA")
         }
-        _ if module == "bundle_emb" => Part::Other("textual-inversion embeddings bundled in a LoRA"),
+        _ if module == "bundle_emb" => {
+            Part::Other("textual-inversion embeddings bundled in a LoRA")
+        }
         _ => Part::Other(STRAY),
     };
     (module.to_string(), part)
@@ -132,12 +143,13 @@ pub fn read_lora(path: &Path) -> Result<LoraFile> {
             Part::Other(kind) => other.entry(kind).or_insert((module, 0)).1 += 1,
         }
     }
-    let unsupported = |kind: &'static str, (module, count): (String, usize)| LoraError::Unsupported {
-        path: path.to_path_buf(),
-        kind,
-        module,
-        count,
-    };
+    let unsupported =
+        |kind: &'static str, (module, count): (String, usize)| LoraError::Unsupported {
+            path: path.to_path_buf(),
+            kind,
+            module,
+            count,
+        };
     // A LyCORIS/PEFT part fails the file, even beside plain LoRA modules: applying half a network would be wrong.
     if let Some(kind) = other.keys().copied().find(|k| *k != STRAY) {
         return Err(unsupported(kind, other[kind].clone()));
