@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use ldm_models::lora::LoraError;
+use ldm_models::lora::{LoraError, ShapeError};
 use ldm_pipeline::lora::apply_loras;
 use ldm_pipeline::{open, PipelineError};
 
@@ -104,13 +104,14 @@ fn rank_mismatch_between_up_and_down() -> R {
 #[test]
 fn delta_not_matching_the_base_weight() -> R {
     match fail(lora(Q, vec![2, 16], vec![32, 2]))? {
-        LoraError::Shape {
-            module,
-            key,
-            lora,
-            base,
-            ..
-        } => {
+        LoraError::Shape(e) => {
+            let ShapeError {
+                module,
+                key,
+                lora,
+                base,
+                ..
+            } = *e;
             assert_eq!(module, Q);
             assert_eq!(key, Q_KEY);
             assert_eq!((lora, base), (vec![32, 16], vec![32, 32]));
@@ -120,8 +121,8 @@ fn delta_not_matching_the_base_weight() -> R {
     // the q block of SD2's fused in_proj is checked the same way; a 3x3 LoRA on a 1x1 conv too
     let proj_in = "lora_unet_down_blocks_0_attentions_0_proj_in";
     match fail(lora(proj_in, vec![2, 32, 3, 3], vec![32, 2, 1, 1]))? {
-        LoraError::Shape { lora, base, .. } => {
-            assert_eq!((lora, base), (vec![32, 32, 3, 3], vec![32, 32, 1, 1]))
+        LoraError::Shape(e) => {
+            assert_eq!((e.lora, e.base), (vec![32, 32, 3, 3], vec![32, 32, 1, 1]))
         }
         e => panic!("{e}"),
     }

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use ldm_core::weights::WeightStore;
 
-use super::error::{LoraError, Result};
+use super::error::{LoraError, Result, ShapeError};
 use super::file::{read_lora, LoraFile};
 use super::names::LoraTargets;
 
@@ -125,7 +125,7 @@ fn shape_error(
     lora: Vec<usize>,
     base: Vec<usize>,
 ) -> LoraError {
-    LoraError::Shape {
+    LoraError::Shape(Box::new(ShapeError {
         path: path.to_path_buf(),
         module: module.to_string(),
         key: key.to_string(),
@@ -136,7 +136,7 @@ fn shape_error(
         },
         lora,
         base,
-    }
+    }))
 }
 
 /// `delta` as row block `index` of `count` of a tensor that is zero elsewhere.

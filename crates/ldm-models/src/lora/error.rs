@@ -37,15 +37,8 @@ pub enum LoraError {
         up: usize,
     },
     /// `up @ down` does not have the shape of the weight (or the q/k/v block of a fused weight) it patches.
-    #[error("{path}: module `{module}`: up @ down is {lora:?} but `{key}` {what} is {base:?}")]
-    Shape {
-        path: PathBuf,
-        module: String,
-        key: String,
-        what: &'static str,
-        lora: Vec<usize>,
-        base: Vec<usize>,
-    },
+    #[error(transparent)]
+    Shape(Box<ShapeError>),
     /// A setting outside its range (a non-finite weight, rank 0).
     #[error("invalid LoRA setting `{field}`: {reason}")]
     Invalid { field: &'static str, reason: String },
@@ -53,6 +46,18 @@ pub enum LoraError {
     Core(#[from] ldm_core::Error),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+}
+
+/// The details of [`LoraError::Shape`] (boxed: the error type stays small).
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: module `{module}`: up @ down is {lora:?} but `{key}` {what} is {base:?}")]
+pub struct ShapeError {
+    pub path: PathBuf,
+    pub module: String,
+    pub key: String,
+    pub what: &'static str,
+    pub lora: Vec<usize>,
+    pub base: Vec<usize>,
 }
 
 fn list(names: &[String]) -> String {

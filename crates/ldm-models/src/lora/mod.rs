@@ -19,6 +19,6 @@ pub mod file;
 pub mod names;
 
 pub use apply::{apply_lora, apply_loras, LoraFileReport, LoraReport};
-pub use error::{LoraError, Result};
+pub use error::{LoraError, Result, ShapeError};
 pub use file::{read_lora, LoraFile, LoraModule};
 pub use names::{LoraTarget, LoraTargets, TextTarget, KOHYA_TE, KOHYA_UNET};
