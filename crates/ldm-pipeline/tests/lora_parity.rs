@@ -52,11 +52,19 @@ fn key_maps(model: &str, open_clip: bool) -> R<(KeyMap, KeyMap)> {
 
 /// Opens `model/form`, merges `lora` at 0.7 and compares every patched weight with diffusers' fused one.
 /// `keys`: canonical keys patched (SD2 single files take q/k/v into one fused `in_proj_weight` per layer).
-fn check_merged(model: &str, form: &str, tag: &str, open_clip: bool, keys: usize) -> R<SdModels> {
+fn check_merged(
+    model: &str,
+    form: &str,
+    tag: &str,
+    open_clip: bool,
+    keys: usize,
+    weights: &[f64],
+) -> R<SdModels> {
     let refs = refs()?;
     let mut opened = open(&fixture(&format!("{model}/{form}")), None)?;
     let lora = fixture(&format!("lora/{tag}.safetensors"));
-    let report = apply_loras(&mut opened, &[(lora, 0.7)])?;
+    let loras: Vec<(PathBuf, f64)> = weights.iter().map(|w| (lora.clone(), *w)).collect();
+    let report = apply_loras(&mut opened, &loras)?;
     let (unet_map, te_map) = key_maps(model, open_clip)?;
     let prefix = format!("{tag}.merged.");
     let mut checked = 0;
@@ -89,7 +97,7 @@ fn check_merged(model: &str, form: &str, tag: &str, open_clip: bool, keys: usize
         checked += 1;
     }
     assert_eq!(checked, 44, "references of {tag}");
-    assert_eq!(report.modules_matched(), 44);
+    assert_eq!(report.modules_matched(), 44 * weights.len());
     assert_eq!(report.keys.len(), keys);
     eprintln!(
         "{tag} on {model}/{form}: {checked} merged weights, {} keys patched, worst {worst:.1e}× tolerance",
@@ -100,22 +108,29 @@ fn check_merged(model: &str, form: &str, tag: &str, open_clip: bool, keys: usize
 
 #[test]
 fn sd1_lora_merged_weights_match_diffusers_fuse_lora() -> R {
-    check_merged("sd1-tiny", "model.safetensors", "sd1", false, 44)?;
-    check_merged("sd1-tiny", "diffusers", "sd1", false, 44)?;
+    check_merged("sd1-tiny", "model.safetensors", "sd1", false, 44, &[0.7])?;
+    check_merged("sd1-tiny", "diffusers", "sd1", false, 44, &[0.7])?;
+    Ok(())
+}
+
+/// Several files (here the same one twice, 0.3 + 0.4) add up.
+#[test]
+fn two_loras_add_up() -> R {
+    check_merged("sd1-tiny", "model.safetensors", "sd1", false, 44, &[0.3, 0.4])?;
     Ok(())
 }
 
 /// SD2: the text encoder's q/k/v modules land in row blocks of OpenCLIP's fused `in_proj_weight`.
 #[test]
 fn sd2_lora_merged_weights_match_diffusers_including_fused_in_proj() -> R {
-    check_merged("sd2v-tiny", "model.safetensors", "sd2v", true, 40)?;
-    check_merged("sd2v-tiny", "diffusers", "sd2v", false, 44)?;
+    check_merged("sd2v-tiny", "model.safetensors", "sd2v", true, 40, &[0.7])?;
+    check_merged("sd2v-tiny", "diffusers", "sd2v", false, 44, &[0.7])?;
     Ok(())
 }
 
 #[test]
 fn sd1_lora_unet_output_and_txt2img_match_diffusers() -> R {
-    let models = check_merged("sd1-tiny", "model.safetensors", "sd1", false, 44)?;
+    let models = check_merged("sd1-tiny", "model.safetensors", "sd1", false, 44, &[0.7])?;
     let refs = refs()?;
     let base = candle_core::safetensors::load(fixture("sd1-tiny/ref.safetensors"), &Device::Cpu)?;
     let out = models
