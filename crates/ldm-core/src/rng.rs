@@ -8,8 +8,8 @@ mod box_muller;
 pub mod mt19937;
 mod torch;
 
-pub use mt19937::Mt19937;
-pub use torch::{NormalKernel, TorchRng};
+pub use mt19937::{InvalidRngState, Mt19937, Mt19937State};
+pub use torch::{NormalKernel, TorchRng, TorchRngState};
 
 /// A source of standard-normal noise, drawn in the order a sampler asks for it.
 pub trait NoiseRng {

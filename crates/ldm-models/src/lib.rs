@@ -5,6 +5,7 @@ pub mod blocks;
 pub mod cond;
 pub mod import;
 pub mod lora;
+pub mod ops;
 pub mod original_config;
 pub mod text;
 pub mod tokenizer;

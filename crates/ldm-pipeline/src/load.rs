@@ -173,7 +173,7 @@ fn finish_single_file(
 }
 
 /// The built-in tokenizer of a text-conditioned model.
-fn builtin_tokenizer(spec: &ModelSpec) -> Result<Option<Tokenizer>> {
+pub fn builtin_tokenizer(spec: &ModelSpec) -> Result<Option<Tokenizer>> {
     Ok(match &spec.cond {
         CondSpec::Text(TextSpec::Clip { layout, .. }) => {
             let t = ClipTokenizer::builtin();

@@ -1,6 +1,7 @@
 //! The networks of a checkpoint, built strictly from its weights: the UNet, the first stage, and whatever
 //! conditions the UNet (text encoder with its tokenizer, class embedder, layout encoder, semantic-map rescaler).
 use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
 use ldm_core::weights::StrictLoader;
 use ldm_models::autoencoder::{AutoencoderKl, FirstStage, VqModel};
 use ldm_models::cond::{ClassEmbedder, LayoutBuilder, LayoutObject, SpatialRescaler};
@@ -65,13 +66,26 @@ impl SdModels {
     /// Builds every component from `opened`, then fails with every missing, mis-shaped and unexpected tensor
     /// of all components at once.
     pub fn build(opened: Opened, device: &Device) -> Result<Self> {
-        let dtype = DType::F32;
         let loader = StrictLoader::new(opened.store.clone());
-        let vb = loader.var_builder(dtype, device);
-        let spec = opened.spec;
+        let vb = loader.var_builder(DType::F32, device);
+        let single_file = !matches!(opened.form, CheckpointForm::Diffusers(_));
+        let models = Self::build_with(opened.spec, opened.tokenizer, vb, device)?;
+        loader.finish(&|k| single_file && ignorable_single_file_key(&models.spec, k))?;
+        Ok(models)
+    }
+
+    /// Builds every component of `spec` from `vb` under the canonical (CompVis) key names. Training passes a
+    /// `VarMap`-backed builder here, so the same networks get trainable weights.
+    pub fn build_with(
+        spec: ModelSpec,
+        tokenizer: Option<Tokenizer>,
+        vb: VarBuilder,
+        device: &Device,
+    ) -> Result<Self> {
+        let dtype = vb.dtype();
         let model = |e: candle_core::Error| PipelineError::Model(e.to_string());
         let cond_model = |e: ldm_models::cond::CondError| PipelineError::Model(e.to_string());
-        let cond = match (&spec.cond, opened.tokenizer) {
+        let cond = match (&spec.cond, tokenizer) {
             (
                 CondSpec::Text(TextSpec::Clip {
                     config,
@@ -123,8 +137,6 @@ impl SdModels {
                 channels: *channels,
             },
         };
-        let single_file = !matches!(opened.form, CheckpointForm::Diffusers(_));
-        loader.finish(&|k| single_file && ignorable_single_file_key(&spec, k))?;
         Ok(Self {
             spec,
             cond,

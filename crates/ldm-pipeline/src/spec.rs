@@ -435,7 +435,20 @@ impl ModelSpec {
                         })
                     }
                     OriginalTextEncoder::Bert(b) => {
-                        let encoder = x_transformer_config(store)?;
+                        let encoder = x_transformer_config(store).or_else(|e| {
+                            // A model about to be trained from scratch has no weights yet: the YAML's
+                            // parameters and the paper's defaults describe it.
+                            if store.keys_under(X_TRANSFORMER_PREFIX).next().is_none() {
+                                Ok(XTransformerConfig::paper(
+                                    b.vocab_size,
+                                    b.max_seq_len,
+                                    b.n_embed,
+                                    b.n_layer,
+                                ))
+                            } else {
+                                Err(e)
+                            }
+                        })?;
                         check_x(&encoder, b.n_embed, b.n_layer, b.vocab_size, b.max_seq_len)
                             .map_err(bad)?;
                         if b.use_tokenizer {

@@ -10,6 +10,9 @@ pub enum TrainError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// A recipe file that is not valid TOML or has unknown or mistyped fields.
+    #[error("{path}: {reason}")]
+    Recipe { path: PathBuf, reason: String },
     /// A setting outside its valid range, or settings that contradict each other.
     #[error("invalid setting `{field}`: {reason}")]
     Invalid { field: &'static str, reason: String },

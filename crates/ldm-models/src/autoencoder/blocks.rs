@@ -270,7 +270,7 @@ pub(crate) fn chunked_attention(
     let attend = |q: &Tensor| -> Result<Tensor> {
         let scores = (q.matmul(k_t)? * scale)?; // [B, rows, M]
         let probs =
-            candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
+            crate::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
         probs.matmul(v) // [B, rows, C]
     };
     if rows >= n {

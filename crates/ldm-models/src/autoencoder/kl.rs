@@ -155,6 +155,18 @@ impl AutoencoderKl {
         DiagonalGaussian::from_moments(&moments)
     }
 
+    /// [`AutoencoderKl::decode`] without the decoder's last layer (training): the input of
+    /// [`AutoencoderKl::decoder_conv_out`].
+    pub fn decode_features(&self, z: &Tensor) -> Result<Tensor> {
+        self.check_latent(z)?;
+        self.decoder.forward_features(&self.post_quant_conv.forward(z)?)
+    }
+
+    /// The decoder's last layer (`decoder.conv_out`).
+    pub fn decoder_conv_out(&self) -> &Conv2d {
+        self.decoder.conv_out()
+    }
+
     /// Unscaled latent `[B, embed_dim, h, w]` → image `[B, out_ch, f·h, f·w]` (roughly in [−1, 1]).
     pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
         self.check_latent(z)?;

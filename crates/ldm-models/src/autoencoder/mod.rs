@@ -13,6 +13,6 @@ pub mod vq;
 pub use first_stage::{Encoded, FirstStage};
 pub use kl::{AutoencoderKl, AutoencoderKlConfig, DiagonalGaussian};
 pub use model::{AttnType, DdConfig, Decoder, Encoder};
-pub use quantize::{Quantized, VectorQuantizer};
+pub use quantize::{Quantized, QuantizedTrain, VectorQuantizer};
 pub use tiled::{tiled_decode, tiled_encode, TileConfig, TileConfigError, TileMode};
 pub use vq::{VqModel, VqModelConfig};

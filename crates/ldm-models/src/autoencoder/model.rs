@@ -280,13 +280,27 @@ impl Decoder {
     }
 }
 
-impl Module for Decoder {
-    fn forward(&self, z: &Tensor) -> Result<Tensor> {
+impl Decoder {
+    /// Everything up to the last layer: `z` → `swish(norm_out(h))`, the input of `conv_out`
+    /// `[B, ch·ch_mult[0], f·h, f·w]`. Training needs the last layer apart (the adaptive GAN weight of the
+    /// autoencoder loss is measured at its weight).
+    pub fn forward_features(&self, z: &Tensor) -> Result<Tensor> {
         let mut h = self.mid.forward(&self.conv_in.forward(z)?)?; // [B, ch·ch_mult[L-1], h, w]
         for level in self.up.iter().rev() {
             h = level.forward(h)?;
         }
-        self.conv_out.forward(&swish(&self.norm_out.forward(&h)?)?) // [B, out_ch, f·h, f·w]
+        swish(&self.norm_out.forward(&h)?)
+    }
+
+    /// The last layer, `conv_out` (3x3, `ch·ch_mult[0] → out_ch`).
+    pub fn conv_out(&self) -> &Conv2d {
+        &self.conv_out
+    }
+}
+
+impl Module for Decoder {
+    fn forward(&self, z: &Tensor) -> Result<Tensor> {
+        self.conv_out.forward(&self.forward_features(z)?) // [B, out_ch, f·h, f·w]
     }
 }
 

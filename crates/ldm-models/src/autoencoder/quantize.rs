@@ -144,6 +144,61 @@ impl VectorQuantizer {
     }
 }
 
+/// The output of [`VectorQuantizer::forward_train`].
+#[derive(Debug, Clone)]
+pub struct QuantizedTrain {
+    /// Straight-through quantised latent `z + sg(z_q − z)`, `[B, embed_dim, h, w]`: its values are the codebook
+    /// entries, its gradient goes to `z` unchanged.
+    pub z_q: Tensor,
+    /// The codebook and commitment loss (scalar), see [`VectorQuantizer::forward_train`].
+    pub loss: Tensor,
+    /// Indices of the chosen entries, `[B, h, w]`, `u32`.
+    pub indices: Tensor,
+}
+
+impl VectorQuantizer {
+    /// `VectorQuantizer2.forward` in training: nearest entries of the CURRENT codebook (distances are computed
+    /// afresh, so a codebook updated in place by an optimiser is seen), the straight-through estimator and the
+    /// loss. With `legacy = true` (the default of `VectorQuantizer2`, which LDM's `VQModel` keeps) the loss is
+    /// `mean((sg[z_q] − z)²) + β·mean((z_q − sg[z])²)`, i.e. β weighs the codebook term (a bug the original
+    /// keeps for compatibility); with `legacy = false` it is `β·mean((sg[z_q] − z)²) + mean((z_q − sg[z])²)`
+    /// (β on the commitment term, as in van den Oord et al.). LDM uses β = 0.25.
+    pub fn forward_train(&self, z: &Tensor, beta: f64, legacy: bool) -> Result<QuantizedTrain> {
+        let (b, c, hh, ww) = z.dims4()?;
+        self.check_channels("forward_train", c)?;
+        let codebook = self.codebook.to_dtype(DType::F32)?;
+        let flat = z
+            .to_dtype(DType::F32)?
+            .detach()
+            .permute((0, 2, 3, 1))?
+            .reshape((b * hh * ww, c))?; // [N, D]
+        let norms = codebook.sqr()?.sum_keepdim(1)?.t()?; // [1, K]
+        let dist = (flat.matmul(&codebook.t()?)? * -2.0)?
+            .broadcast_add(&flat.sqr()?.sum_keepdim(1)?)?
+            .broadcast_add(&norms)?; // [N, K]
+        let indices = dist.argmin(D::Minus1)?; // [N]
+        let z_q = codebook
+            .index_select(&indices, 0)? // [N, D], differentiable in the codebook
+            .reshape((b, hh, ww, c))?
+            .permute((0, 3, 1, 2))?
+            .contiguous()?
+            .to_dtype(z.dtype())?;
+        let commit = (z_q.detach() - z)?.sqr()?.mean_all()?; // moves the encoder
+        let embed = (&z_q - z.detach())?.sqr()?.mean_all()?; // moves the codebook
+        let loss = if legacy {
+            (commit + (embed * beta)?)?
+        } else {
+            ((commit * beta)? + embed)?
+        };
+        let z_st = (z + (z_q - z)?.detach())?;
+        Ok(QuantizedTrain {
+            z_q: z_st,
+            loss,
+            indices: indices.reshape((b, hh, ww))?,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -214,6 +214,24 @@ impl VqModel {
         self.decoder.forward(&self.post_quant_conv.forward(z)?)
     }
 
+    /// [`VqModel::decode_unquantized`] without the decoder's last layer (training): the input of
+    /// [`VqModel::decoder_conv_out`].
+    pub fn decode_features(&self, z: &Tensor) -> Result<Tensor> {
+        let c = z.dim(1)?;
+        if c != self.config.embed_dim {
+            candle_core::bail!(
+                "VQModel::decode: latent has {c} channels, expected embed_dim = {}",
+                self.config.embed_dim
+            );
+        }
+        self.decoder.forward_features(&self.post_quant_conv.forward(z)?)
+    }
+
+    /// The decoder's last layer (`decoder.conv_out`).
+    pub fn decoder_conv_out(&self) -> &Conv2d {
+        self.decoder.conv_out()
+    }
+
     /// Codebook indices `[B, h, w]` → image (`decode_code`).
     pub fn decode_indices(&self, indices: &Tensor) -> Result<Tensor> {
         self.decode_unquantized(&self.quantize.lookup(indices)?)

@@ -92,7 +92,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, max_score_bytes: usize) -> 
     let chunk = n.div_ceil(n.div_ceil(max_rows).max(1)).max(1);
     let one = |q: &Tensor| -> Result<Tensor> {
         let scores = (q.matmul(&kt)? * scale)?; // [B, h, n_chunk, M]
-        candle_nn::ops::softmax_last_dim(&scores)?.matmul(v) // [B, h, n_chunk, d]
+        crate::ops::softmax_last_dim(&scores)?.matmul(v) // [B, h, n_chunk, d]
     };
     if chunk >= n {
         return one(q);

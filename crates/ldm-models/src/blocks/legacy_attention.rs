@@ -34,7 +34,13 @@ pub struct AttentionBlock {
 
 /// A kernel-1 `conv_nd(1, cin, cout, 1)` read with its `[cout, cin, 1]` weight and used as a Linear on tokens.
 fn conv1x1_1d(cin: usize, cout: usize, vb: VarBuilder) -> Result<Linear> {
-    let w = vb.get((cout, cin, 1), "weight")?.reshape((cout, cin))?;
+    let w = vb
+        .get_with_hints(
+            (cout, cin, 1),
+            "weight",
+            candle_nn::init::DEFAULT_KAIMING_UNIFORM,
+        )?
+        .reshape((cout, cin))?;
     let b = vb.get(cout, "bias")?;
     Ok(Linear::new(w, Some(b)))
 }

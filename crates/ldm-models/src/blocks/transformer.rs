@@ -16,8 +16,9 @@
 //! LayerNorms use torch's default eps 1e-5. GEGLU (Shazeer 2020): `[a, g] = proj(x)`, `a · GELU(g)` with the
 //! exact (erf) GELU; keys `ff.net.0.proj` and `ff.net.2` (`ff.net.1` is Dropout).
 use super::attention::CrossAttention;
+use crate::ops::LayerNorm;
 use candle_core::{Module, Result, Tensor, D};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, LayerNorm, Linear, VarBuilder};
+use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
 
 /// eps of the transformer's `Normalize` GroupNorm.
 pub const TRANSFORMER_GROUP_NORM_EPS: f64 = 1e-6;
@@ -70,7 +71,7 @@ impl BasicTransformerBlock {
         vb: VarBuilder,
     ) -> Result<Self> {
         let attn1_context = disable_self_attn.then_some(context_dim);
-        let ln = |name: &str| candle_nn::layer_norm(dim, LAYER_NORM_EPS, vb.pp(name));
+        let ln = |name: &str| crate::ops::layer_norm(dim, LAYER_NORM_EPS, vb.pp(name));
         Ok(Self {
             attn1: CrossAttention::new(dim, attn1_context, num_heads, head_dim, vb.pp("attn1"))?,
             attn2: CrossAttention::new(

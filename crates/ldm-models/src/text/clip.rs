@@ -1,8 +1,9 @@
 //! transformers' `CLIPTextModel` weight layout, relative to `text_model`: SD1 single files
 //! (`cond_stage_model.transformer.text_model`) and every diffusers `text_encoder/model.safetensors`
 //! (`text_model`). Reference: transformers `models/clip/modeling_clip.py` (v4.x).
+use crate::ops::layer_norm;
 use candle_core::{Result, Tensor};
-use candle_nn::{layer_norm, linear, VarBuilder};
+use candle_nn::{linear, VarBuilder};
 
 use super::config::TextConfig;
 use super::transformer::{TextBlock, TextTransformer, LN_EPS};

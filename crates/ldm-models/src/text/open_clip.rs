@@ -1,8 +1,9 @@
 //! OpenCLIP's text-tower weight layout, relative to `cond_stage_model.model` in SD2 single files
 //! (`FrozenOpenCLIPEmbedder`, Stability-AI/stablediffusion@cf1d67a `ldm/modules/encoders/modules.py`;
 //! open_clip `transformer.py` `ResidualAttentionBlock` with `nn.MultiheadAttention`, fused `in_proj`).
+use crate::ops::layer_norm;
 use candle_core::Result;
-use candle_nn::{layer_norm, linear, Linear, VarBuilder};
+use candle_nn::{linear, Linear, VarBuilder};
 
 use super::config::TextConfig;
 use super::transformer::{TextBlock, TextTransformer, LN_EPS};

@@ -12,8 +12,9 @@
 //! | W_o    | `TextBlock::out_proj`     | `self_attn.out_proj`                  | `attn.out_proj`              |
 //! | MLP    | `fc1`, `fc2`              | `mlp.fc1`, `mlp.fc2`                  | `mlp.c_fc`, `mlp.c_proj`     |
 //! | LN_final | `final_norm`            | `final_layer_norm`                    | `ln_final`                   |
+use crate::ops::LayerNorm;
 use candle_core::{DType, Device, Module, Result, Tensor, D};
-use candle_nn::{LayerNorm, Linear};
+use candle_nn::Linear;
 
 use super::config::{Activation, TextConfig};
 
@@ -57,7 +58,7 @@ impl TextBlock {
         let (q, k, v) = (split(0)?, split(1)?, split(2)?);
         let scores = (q.matmul(&k.t()?)? * (head_dim as f64).powf(-0.5))?.broadcast_add(mask)?; // [B, H, L, L]
         let probs =
-            candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
+            crate::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
         let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, l, d))?; // [B, L, D]
         self.out_proj.forward(&out)
     }

@@ -23,12 +23,18 @@
 //! | LN_out | `norm` | `norm` |
 //!
 //! In `layers.{n}.{m}`, `m` = 0 is the norm, 1 the attention/feed-forward, 2 the weightless `Residual`.
+use crate::ops::{layer_norm, LayerNorm};
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{layer_norm, linear, linear_no_bias, LayerNorm, Linear, VarBuilder};
+use candle_nn::{linear, linear_no_bias, Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 /// LayerNorm epsilon (`nn.LayerNorm` default).
 const LN_EPS: f64 = 1e-5;
+/// Initial embeddings of a new model, as `TransformerWrapper.init_` draws them: N(0, 0.02²).
+const EMB_INIT: candle_nn::Init = candle_nn::Init::Randn {
+    mean: 0.,
+    stdev: 0.02,
+};
 /// x_transformer's `DEFAULT_DIM_HEAD`.
 pub const DEFAULT_DIM_HEAD: usize = 64;
 /// x_transformer's default head count (`AttentionLayers(heads=8)`).
@@ -55,6 +61,22 @@ pub struct XTransformerConfig {
     pub dim_head: usize,
     /// Width of the feed-forward hidden layer (`4 · dim`).
     pub ff_inner: usize,
+}
+
+impl XTransformerConfig {
+    /// The encoder of the LDM paper's `BERTEmbedder`/`TransformerEmbedder`: x-transformers' `Encoder(dim,
+    /// depth)` with its defaults — 8 heads of 64 and a 4× feed-forward.
+    pub fn paper(vocab_size: usize, max_seq_len: usize, dim: usize, depth: usize) -> Self {
+        Self {
+            vocab_size,
+            max_seq_len,
+            dim,
+            depth,
+            heads: 8,
+            dim_head: 64,
+            ff_inner: 4 * dim,
+        }
+    }
 }
 
 /// Errors of [`XTransformerConfig::infer`] and [`XTransformerConfig::check`].
@@ -262,7 +284,7 @@ impl XBlock {
         let v = heads(self.to_v.forward(x)?)?;
         let scores = (q.matmul(&k.t()?)? * (cfg.dim_head as f64).powf(-0.5))?; // [B, H, L, L]
         let probs =
-            candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
+            crate::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
         let out = probs
             .matmul(&v)?
             .transpose(1, 2)?
@@ -290,8 +312,16 @@ impl XTransformer {
             .map(|i| XBlock::load(config, i, &vb))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
-            token_emb: vb.get((config.vocab_size, config.dim), "token_emb.weight")?,
-            pos_emb: vb.get((config.max_seq_len, config.dim), "pos_emb.emb.weight")?,
+            token_emb: vb.get_with_hints(
+                (config.vocab_size, config.dim),
+                "token_emb.weight",
+                EMB_INIT,
+            )?,
+            pos_emb: vb.get_with_hints(
+                (config.max_seq_len, config.dim),
+                "pos_emb.emb.weight",
+                EMB_INIT,
+            )?,
             blocks,
             norm: layer_norm(config.dim, LN_EPS, vb.pp("norm"))?,
             config: config.clone(),

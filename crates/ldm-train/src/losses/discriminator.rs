@@ -1,0 +1,225 @@
+//! The PatchGAN discriminator of the autoencoder losses (Isola et al. 2017, pix2pix's `NLayerDiscriminator`,
+//! as `taming/modules/discriminator/model.py`, CompVis/taming-transformers@3ba01b2, with `weights_init`) and
+//! the two discriminator losses (`taming/modules/losses/vqperceptual.py`).
+//!
+//! Layers, keys `main.{i}` (LeakyReLU slope 0.2 between them has no weights and takes an index):
+//!
+//! | index          | layer                                                        |
+//! |----------------|--------------------------------------------------------------|
+//! | 0, (1)         | conv 4×4 stride 2 pad 1, `input_nc → ndf`, bias              |
+//! | per n < layers | conv 4×4 stride 2 pad 1 no bias, BatchNorm2d, (LeakyReLU)      |
+//! | then           | conv 4×4 stride 1 pad 1 no bias, BatchNorm2d, (LeakyReLU)      |
+//! | last           | conv 4×4 stride 1 pad 1 → 1 channel, bias (the logits map)    |
+//!
+//! Channels are `ndf · min(2ⁿ, 8)`. Initialisation through [`candle_nn::VarBuilder`] hints: conv weights
+//! N(0, 0.02), BatchNorm weight N(1, 0.02) and bias 0 (`weights_init`); conv biases keep torch's default
+//! U(±1/√fan_in). BatchNorm runs in training mode (batch statistics, biased variance in the normalisation)
+//! and updates its running statistics (momentum 0.1, unbiased variance), which live as `running_mean` /
+//! `running_var` in the same `VarBuilder` (in a `VarMap` they are variables that never receive gradients:
+//! leave them out of the optimiser).
+use candle_core::{Module, Tensor};
+use candle_nn::{BatchNorm, Conv2d, Conv2dConfig, Init, VarBuilder};
+use serde::{Deserialize, Serialize};
+
+use crate::{Result, TrainError};
+
+const BN_EPS: f64 = 1e-5;
+const LEAKY_SLOPE: f64 = 0.2;
+
+/// `NLayerDiscriminator(input_nc, ndf, n_layers)` (ActNorm is not supported: `use_actnorm = False`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiscriminatorConfig {
+    pub input_nc: usize,
+    pub ndf: usize,
+    pub n_layers: usize,
+}
+
+impl Default for DiscriminatorConfig {
+    /// The LDM/taming default: 3 input channels, 64 filters, 3 layers.
+    fn default() -> Self {
+        Self {
+            input_nc: 3,
+            ndf: 64,
+            n_layers: 3,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Stage {
+    conv: Conv2d,
+    norm: Option<BatchNorm>,
+    /// Whether a LeakyReLU follows.
+    act: bool,
+}
+
+/// The PatchGAN discriminator: `[B, input_nc, H, W]` → logits `[B, 1, h, w]`.
+#[derive(Debug, Clone)]
+pub struct NLayerDiscriminator {
+    stages: Vec<Stage>,
+    config: DiscriminatorConfig,
+}
+
+fn conv(
+    c_in: usize,
+    c_out: usize,
+    stride: usize,
+    bias: bool,
+    vb: &VarBuilder,
+    index: usize,
+) -> Result<Conv2d> {
+    let vb = vb.pp(index.to_string());
+    let w = vb.get_with_hints(
+        (c_out, c_in, 4, 4),
+        "weight",
+        Init::Randn {
+            mean: 0.0,
+            stdev: 0.02,
+        },
+    )?;
+    let b = if bias {
+        let bound = 1.0 / ((c_in * 16) as f64).sqrt();
+        Some(vb.get_with_hints(
+            c_out,
+            "bias",
+            Init::Uniform {
+                lo: -bound,
+                up: bound,
+            },
+        )?)
+    } else {
+        None
+    };
+    let cfg = Conv2dConfig {
+        padding: 1,
+        stride,
+        ..Default::default()
+    };
+    Ok(Conv2d::new(w, b, cfg))
+}
+
+fn batch_norm(c: usize, vb: &VarBuilder, index: usize) -> Result<BatchNorm> {
+    let vb = vb.pp(index.to_string());
+    let weight = vb.get_with_hints(
+        c,
+        "weight",
+        Init::Randn {
+            mean: 1.0,
+            stdev: 0.02,
+        },
+    )?;
+    let bias = vb.get_with_hints(c, "bias", Init::Const(0.0))?;
+    let running_mean = vb.get_with_hints(c, "running_mean", Init::Const(0.0))?;
+    let running_var = vb.get_with_hints(c, "running_var", Init::Const(1.0))?;
+    Ok(BatchNorm::new(
+        c,
+        running_mean,
+        running_var,
+        weight,
+        bias,
+        BN_EPS,
+    )?)
+}
+
+impl NLayerDiscriminator {
+    /// `vb` at the discriminator's key (`loss.discriminator` in an LDM training checkpoint).
+    pub fn new(config: DiscriminatorConfig, vb: VarBuilder) -> Result<Self> {
+        if config.input_nc == 0 || config.ndf == 0 || config.n_layers == 0 {
+            return Err(TrainError::invalid(
+                "discriminator",
+                format!("zero-sized discriminator {config:?}"),
+            ));
+        }
+        let vb = vb.pp("main");
+        let ndf = config.ndf;
+        let mut idx = 0;
+        let mut stages = vec![Stage {
+            conv: conv(config.input_nc, ndf, 2, true, &vb, idx)?,
+            norm: None,
+            act: true,
+        }];
+        idx += 2;
+        let mut mult = 1;
+        for n in 1..=config.n_layers {
+            let prev = mult;
+            mult = (1usize << n.min(3)).min(8);
+            let stride = if n < config.n_layers { 2 } else { 1 };
+            stages.push(Stage {
+                conv: conv(ndf * prev, ndf * mult, stride, false, &vb, idx)?,
+                norm: Some(batch_norm(ndf * mult, &vb, idx + 1)?),
+                act: true,
+            });
+            idx += 3;
+        }
+        stages.push(Stage {
+            conv: conv(ndf * mult, 1, 1, true, &vb, idx)?,
+            norm: None,
+            act: false,
+        });
+        Ok(Self { stages, config })
+    }
+
+    pub fn config(&self) -> &DiscriminatorConfig {
+        &self.config
+    }
+
+    /// Logits in training mode: BatchNorm uses the batch statistics and updates its running statistics
+    /// (as every forward of the reference does, whose discriminator is always in `train()` mode).
+    pub fn forward_train(&self, x: &Tensor) -> Result<Tensor> {
+        let c = x.dim(1)?;
+        if c != self.config.input_nc {
+            return Err(TrainError::invalid(
+                "discriminator",
+                format!(
+                    "input has {c} channels, the discriminator takes {}",
+                    self.config.input_nc
+                ),
+            ));
+        }
+        let mut h = x.clone();
+        for s in &self.stages {
+            h = s.conv.forward(&h)?;
+            if let Some(bn) = &s.norm {
+                h = bn.forward_train(&h)?;
+            }
+            if s.act {
+                h = candle_nn::ops::leaky_relu(&h, LEAKY_SLOPE)?;
+            }
+        }
+        Ok(h)
+    }
+}
+
+/// Which discriminator loss (`disc_loss` of the loss config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiscLoss {
+    /// `½·(mean(relu(1 − D(x))) + mean(relu(1 + D(x̂))))`.
+    #[default]
+    Hinge,
+    /// `½·(mean(softplus(−D(x))) + mean(softplus(D(x̂))))`.
+    Vanilla,
+}
+
+impl DiscLoss {
+    /// The loss of the real and fake logits (scalar tensor).
+    pub fn loss(self, logits_real: &Tensor, logits_fake: &Tensor) -> Result<Tensor> {
+        let (real, fake) = match self {
+            DiscLoss::Hinge => (
+                (1.0 - logits_real)?.relu()?.mean_all()?,
+                (logits_fake + 1.0)?.relu()?.mean_all()?,
+            ),
+            DiscLoss::Vanilla => (
+                softplus(&logits_real.neg()?)?.mean_all()?,
+                softplus(logits_fake)?.mean_all()?,
+            ),
+        };
+        Ok(((real + fake)? * 0.5)?)
+    }
+}
+
+/// `log(1 + eˣ)`, stable for large |x|: `max(x, 0) + log(1 + e^{−|x|})`.
+fn softplus(x: &Tensor) -> Result<Tensor> {
+    Ok((x.relu()? + (x.abs()?.neg()?.exp()? + 1.0)?.log()?)?)
+}

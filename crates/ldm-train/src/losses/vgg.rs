@@ -1,0 +1,108 @@
+//! The convolutional part of VGG16 (Simonyan & Zisserman 2015) as LPIPS uses it: torchvision's
+//! `vgg16().features`, cut into the five slices that end at `relu1_2`, `relu2_2`, `relu3_3`, `relu4_3` and
+//! `relu5_3` (`taming/modules/losses/lpips.py::vgg16`, CompVis/taming-transformers@3ba01b2).
+//!
+//! Keys are torchvision's: `features.{0,2,5,7,10,12,14,17,19,21,24,26,28}.{weight,bias}` (3×3 convolutions,
+//! padding 1, each followed by a ReLU; 2×2 max-pools at indices 4, 9, 16, 23). The channel widths are read
+//! from the weights, so a reduced-width network of the same layer structure (the tests use one) loads through
+//! the same path as the real one (64, 128, 256, 512, 512).
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{Conv2d, Conv2dConfig};
+
+use crate::{Result, TrainError};
+
+/// `features.N` indices of the convolutions, grouped by slice (a max-pool opens every slice but the first).
+pub const VGG16_CONV_SLICES: [&[usize]; 5] =
+    [&[0, 2], &[5, 7], &[10, 12, 14], &[17, 19, 21], &[24, 26, 28]];
+
+/// VGG16 `features` up to `relu5_3`, frozen (its weights are plain tensors, not variables).
+#[derive(Debug, Clone)]
+pub struct Vgg16Features {
+    slices: Vec<Vec<Conv2d>>,
+    widths: [usize; 5],
+}
+
+impl Vgg16Features {
+    /// Builds the network from `features.N.weight`/`bias` tensors (other keys, e.g. torchvision's
+    /// `classifier.*`, are ignored). Every convolution must be 3×3 and chain with its neighbours; the
+    /// first takes 3 channels.
+    pub fn from_tensors(
+        tensors: &HashMap<String, Tensor>,
+        source: &str,
+        device: &Device,
+    ) -> Result<Self> {
+        let cfg = Conv2dConfig {
+            padding: 1,
+            ..Default::default()
+        };
+        let mut in_ch = 3;
+        let mut slices = Vec::with_capacity(5);
+        let mut widths = [0; 5];
+        for (s, idxs) in VGG16_CONV_SLICES.iter().enumerate() {
+            let mut convs = Vec::with_capacity(idxs.len());
+            for i in idxs.iter() {
+                let get = |name: &str| -> Result<Tensor> {
+                    let key = format!("features.{i}.{name}");
+                    tensors
+                        .get(&key)
+                        .ok_or_else(|| bad(source, format!("missing VGG16 weight `{key}`")))?
+                        .to_dtype(DType::F32)?
+                        .to_device(device)
+                        .map_err(Into::into)
+                };
+                let w = get("weight")?;
+                let b = get("bias")?;
+                let dims = w.dims().to_vec();
+                if dims.len() != 4 || dims[1] != in_ch || dims[2] != 3 || dims[3] != 3 {
+                    return Err(bad(
+                        source,
+                        format!(
+                            "`features.{i}.weight` is {dims:?}, expected [out, {in_ch}, 3, 3] (VGG16 layout)"
+                        ),
+                    ));
+                }
+                if b.dims() != [dims[0]] {
+                    return Err(bad(
+                        source,
+                        format!("`features.{i}.bias` is {:?}, expected [{}]", b.dims(), dims[0]),
+                    ));
+                }
+                in_ch = dims[0];
+                convs.push(Conv2d::new(w, Some(b), cfg));
+            }
+            widths[s] = in_ch;
+            slices.push(convs);
+        }
+        Ok(Self { slices, widths })
+    }
+
+    /// Channel widths of the five outputs (`[64, 128, 256, 512, 512]` for the real VGG16).
+    pub fn widths(&self) -> [usize; 5] {
+        self.widths
+    }
+
+    /// `[B, 3, H, W]` (already LPIPS-scaled) → the five ReLU outputs `relu1_2 … relu5_3`.
+    pub fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+        let mut h = x.clone();
+        let mut outs = Vec::with_capacity(5);
+        for (s, convs) in self.slices.iter().enumerate() {
+            if s > 0 {
+                h = h.max_pool2d(2)?; // features.{4,9,16,23}
+            }
+            for conv in convs {
+                h = conv.forward(&h)?.relu()?;
+            }
+            outs.push(h.clone());
+        }
+        Ok(outs)
+    }
+}
+
+fn bad(source: &str, reason: String) -> TrainError {
+    TrainError::Checkpoint {
+        path: source.into(),
+        reason,
+    }
+}
