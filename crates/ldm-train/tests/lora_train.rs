@@ -6,7 +6,8 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Shape, Tensor, Var};
+use ldm_core::rng::{NoiseRng, TorchRng};
 use ldm_core::weights::{SafetensorsFile, StrictLoader, WeightStore};
 use ldm_models::import::UNET_PREFIX;
 use ldm_models::lora::{apply_loras, read_lora, LoraTargets};
@@ -42,6 +43,17 @@ fn sd1_tiny_unet() -> UnetConfig {
     }
 }
 
+/// Seeded N(0, std²) values (torch's CPU generator), so every run sees the same numbers.
+fn randn(seed: u64, std: f32, shape: impl Into<Shape>) -> R<Tensor> {
+    let shape = shape.into();
+    let v: Vec<f32> = TorchRng::new(seed)
+        .randn(shape.elem_count())
+        .into_iter()
+        .map(|x| x * std)
+        .collect();
+    Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
+}
+
 fn max_ratio(got: &Tensor, want: &Tensor, rel: f32, abs: f32) -> R<f32> {
     assert_eq!(got.dims(), want.dims());
     let g = got.flatten_all()?.to_vec1::<f32>()?;
@@ -62,8 +74,8 @@ fn trained_set(store: &WeightStore, rank: usize, alpha: f64) -> R<(LoraTargets, 
     let targets = LoraTargets::for_model(store, Some(&cfg), None);
     let keys = LoraSet::default_keys(store);
     let set = LoraSet::new(store, &targets, &keys, rank, alpha, 7, &Device::Cpu)?;
-    for l in set.layers() {
-        l.up.set(&Tensor::randn(0f32, 0.5, l.up.shape(), &Device::Cpu)?)?;
+    for (i, l) in set.layers().iter().enumerate() {
+        l.up.set(&randn(100 + i as u64, 0.5, l.up.shape())?)?;
     }
     Ok((targets, set))
 }
@@ -155,9 +167,9 @@ fn patched_weights_give_analytic_gradients_to_up_and_down() -> R {
     let backend = LoraBackend::new(&store, UNET_PREFIX, &set, DType::F32, &Device::Cpu)?;
     let s = set.scale();
     let mut worst = 0f32;
-    for l in set.layers() {
+    for (i, l) in set.layers().iter().enumerate() {
         let w = backend.tensor(&l.key)?;
-        let g = Tensor::randn(0f32, 1.0, w.shape(), &Device::Cpu)?;
+        let g = randn(200 + i as u64, 1.0, w.shape())?;
         let loss = (&w * &g)?.sum_all()?;
         let grads = loss.backward()?;
         let g_up = grads.get(l.up.as_tensor()).ok_or("no gradient for up")?;
@@ -182,16 +194,16 @@ fn patched_weights_give_analytic_gradients_to_up_and_down() -> R {
     Ok(())
 }
 
-/// At init (up = 0) the LoRA UNet is the base UNet exactly; after training it is the UNet of the base model with
+/// At init (up = 0) the LoRA UNet is the base UNet; after training it is the UNet of the base model with
 /// the saved file merged at inference.
 #[test]
 fn lora_unet_is_the_base_at_init_and_the_merged_model_after() -> R {
     let store = sd1_store()?;
     let cfg = sd1_tiny_unet();
     let dev = Device::Cpu;
-    let x = Tensor::randn(0f32, 1.0, (2, 4, 8, 8), &dev)?;
+    let x = randn(1, 1.0, (2, 4, 8, 8))?;
     let t = Tensor::new(&[999f32, 17.5], &dev)?;
-    let ctx = Tensor::randn(0f32, 1.0, (2, 5, 16), &dev)?;
+    let ctx = randn(2, 1.0, (2, 5, 16))?;
     let run = |vb: candle_nn::VarBuilder<'static>| -> R<Tensor> {
         let unet = Unet::new(vb.pp("model.diffusion_model"), &cfg)?;
         Ok(unet.forward(&x, &t, &ctx)?)
@@ -202,12 +214,15 @@ fn lora_unet_is_the_base_at_init_and_the_merged_model_after() -> R {
     let keys = LoraSet::default_keys(&store);
     let set = LoraSet::new(&store, &targets, &keys, 4, 4.0, 1, &dev)?;
     let backend = LoraBackend::new(&store, UNET_PREFIX, &set, DType::F32, &dev)?;
+    // Not bit-exact: patched weights track gradients, so attention takes ldm_models::ops' differentiable softmax
+    // and layer norm instead of candle's fused kernels (same maths, other rounding).
     let init = run(backend.var_builder())?;
-    assert_eq!(max_abs(&init, &base)?, 0.0, "not the base model at init");
+    let r0 = max_ratio(&init, &base, 1e-4, 1e-5)?;
+    assert!(r0 <= 1.0, "not the base model at init: {r0}× tolerance");
 
     // "training": the optimiser updates the Vars in place; the next build sees them
-    for l in set.layers() {
-        l.up.set(&Tensor::randn(0f32, 0.3, l.up.shape(), &dev)?)?;
+    for (i, l) in set.layers().iter().enumerate() {
+        l.up.set(&randn(300 + i as u64, 0.3, l.up.shape())?)?;
     }
     let trained = run(backend.var_builder())?;
     let dir = tempfile::tempdir()?;
@@ -219,7 +234,8 @@ fn lora_unet_is_the_base_at_init_and_the_merged_model_after() -> R {
     let r = max_ratio(&trained, &inference, 1e-4, 1e-5)?;
     let moved = max_abs(&trained, &base)?;
     eprintln!(
-        "trained vs merged-at-inference UNet: {r:.2e}× tolerance; the LoRA moved the output by up to {moved:.3}"
+        "init vs base UNet {r0:.2e}×, trained vs merged-at-inference UNet {r:.2e}× tolerance; the LoRA moved \
+         the output by up to {moved:.3}"
     );
     assert!(r <= 1.0, "{r}× tolerance");
     assert!(moved > 1e-2, "the LoRA did not change the output");
@@ -240,5 +256,61 @@ fn bad_settings_are_refused() -> R {
         .err()
         .ok_or("accepted a norm")?;
     assert!(e.to_string().contains("norm.weight"), "{e}");
+    Ok(())
+}
+
+/// Through the whole UNet (differentiable softmax/layer norm of `ldm_models::ops`): every up and down gets a
+/// gradient, and central finite differences of L = Σ out ⊙ G in one up and one down element agree with it
+/// (f32, h = 1e-2: |fd − g| ≤ max(1e-2·|fd + g|, 1e-3)).
+#[test]
+fn unet_backward_reaches_every_pair_and_matches_finite_differences() -> R {
+    let store = sd1_store()?;
+    let cfg = sd1_tiny_unet();
+    let dev = Device::Cpu;
+    let (_, set) = trained_set(&store, 2, 2.0)?;
+    let backend = LoraBackend::new(&store, UNET_PREFIX, &set, DType::F32, &dev)?;
+    let x = randn(1, 1.0, (2, 4, 8, 8))?;
+    let t = Tensor::new(&[999f32, 17.5], &dev)?;
+    let ctx = randn(2, 1.0, (2, 5, 16))?;
+    let g = randn(3, 1.0, (2, 4, 8, 8))?;
+    let loss = || -> R<Tensor> {
+        let unet = Unet::new(backend.var_builder().pp("model.diffusion_model"), &cfg)?;
+        Ok((unet.forward(&x, &t, &ctx)? * &g)?.sum_all()?)
+    };
+    let grads = loss()?.backward()?;
+    for l in set.layers() {
+        for (what, v) in [("up", &l.up), ("down", &l.down)] {
+            let gv = grads
+                .get(v.as_tensor())
+                .ok_or(format!("{}: no {what} gradient", l.key))?;
+            let m = gv.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(m > 0.0, "{}: zero {what} gradient", l.key);
+        }
+    }
+    let h = 1e-2f32;
+    let layer = &set.layers()[set.layers().len() / 2];
+    for (what, v) in [("up", &layer.up), ("down", &layer.down)] {
+        let v0 = v.as_tensor().copy()?;
+        let analytic = grads.get(v.as_tensor()).ok_or("no gradient")?;
+        let flat = v0.flatten_all()?.to_vec1::<f32>()?;
+        let shape = v0.shape().clone();
+        let eval = |delta: f32| -> R<f32> {
+            let mut p = flat.clone();
+            p[1] += delta;
+            v.set(&Tensor::from_vec(p, shape.clone(), &dev)?)?;
+            Ok(loss()?.to_scalar::<f32>()?)
+        };
+        let fd = (eval(h)? - eval(-h)?) / (2.0 * h);
+        v.set(&v0)?;
+        let a = analytic.flatten_all()?.to_vec1::<f32>()?[1];
+        eprintln!(
+            "{} {what}[1]: finite difference {fd:.5}, backward {a:.5}",
+            layer.key
+        );
+        assert!(
+            (fd - a).abs() <= (1e-2 * (fd + a).abs()).max(1e-3),
+            "{what}: fd {fd} vs backward {a}"
+        );
+    }
     Ok(())
 }
