@@ -11,6 +11,7 @@ mod conditioned;
 mod img2img;
 mod info;
 mod inpaint;
+mod lora;
 mod output;
 mod txt2img;
 
@@ -151,15 +152,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 noise: a.noise,
                 tile_vae: a.tile_vae,
             };
-            let loras: Vec<(PathBuf, f64)> = a
-                .lora
-                .iter()
-                .map(|l| ldm_pipeline::lora::parse_lora_arg(l))
-                .collect();
             txt2img::run(
                 &model,
                 config_override(&a.config).as_ref(),
-                &loras,
+                &a.lora,
                 &req,
                 &a.output,
             )

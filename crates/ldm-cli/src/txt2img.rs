@@ -1,5 +1,5 @@
 //! `ldm txt2img`.
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::Context;
 use candle_core::Device;
@@ -9,7 +9,7 @@ use ldm_pipeline::{ConfigOverride, GenerateRequest, SdModels};
 pub fn run(
     model: &Path,
     config: Option<&ConfigOverride>,
-    loras: &[(PathBuf, f64)],
+    loras: &[String],
     req: &GenerateRequest,
     output: &Path,
 ) -> anyhow::Result<()> {
@@ -31,14 +31,7 @@ pub fn run(
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let lora = ldm_pipeline::lora::apply_loras(&mut opened, loras)?;
-    if !lora.files.is_empty() {
-        eprintln!(
-            "LoRA: {} modules merged into {} weights",
-            lora.modules_matched(),
-            lora.keys.len()
-        );
-    }
+    crate::lora::apply(&mut opened, loras)?;
     let models = SdModels::build(opened, &Device::Cpu)?;
 
     let bar = ProgressBar::new(0).with_style(

@@ -46,7 +46,10 @@ fn txt2img_with_lora_weight_matches_diffusers_fuse_lora() -> R {
     let o = run(&lora, &out)?;
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
-    assert!(err.contains("LoRA: 44 modules merged into 44 weights"), "{err}");
+    assert!(
+        err.contains("LoRA: 44 modules merged into 44 weights"),
+        "{err}"
+    );
     let got = png_pixels(&out)?;
     let refs = candle_core::safetensors::load(fixture("lora/ref.safetensors"), &Device::Cpu)?;
     // [1, 3, 32, 32] in [0, 1] -> HWC bytes
@@ -71,11 +74,58 @@ fn a_bad_lora_is_one_error_line() -> R {
     let dir = tempfile::tempdir()?;
     let out = dir.path().join("x.png");
     // a checkpoint is not a LoRA
-    let o = run(&fixture("sd1-tiny/model.safetensors").display().to_string(), &out)?;
+    let o = run(
+        &fixture("sd1-tiny/model.safetensors").display().to_string(),
+        &out,
+    )?;
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
-    assert!(err.starts_with("error: ") && err.contains("not a kohya LoRA file"), "{err}");
+    assert!(
+        err.starts_with("error: ") && err.contains("not a kohya LoRA file"),
+        "{err}"
+    );
     assert!(!out.exists());
+    Ok(())
+}
+
+/// img2img and inpaint take `--lora` too: weight 0 is the plain model bit for bit, weight 0.7 changes the image.
+#[test]
+fn img2img_and_inpaint_take_lora() -> R {
+    let dir = tempfile::tempdir()?;
+    let model = fixture("sd1-tiny/model.safetensors").display().to_string();
+    let init = fixture("img2img/init.png").display().to_string();
+    let mask = fixture("img2img/mask.png").display().to_string();
+    let lora = fixture("lora/sd1.safetensors").display().to_string();
+    for task in ["img2img", "inpaint"] {
+        let mut images = Vec::new();
+        for (i, extra) in [
+            vec![],
+            vec![format!("{lora}:0")],
+            vec![format!("{lora}:0.7")],
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let out = dir.path().join(format!("{task}-{i}.png"));
+            let mut cmd = Command::new(env!("CARGO_BIN_EXE_ldm"));
+            cmd.args([task, "--model", &model, "--steps", "2", "--seed", "1"]);
+            match task {
+                "img2img" => cmd.args(["--init-image", &init]),
+                _ => cmd.args(["--image", &init, "--mask", &mask]),
+            };
+            for l in &extra {
+                cmd.args(["--lora", l]);
+            }
+            let o = cmd.arg("--output").arg(&out).arg("a cat").output()?;
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            images.push(png_pixels(&out)?);
+        }
+        assert_eq!(images[0], images[1], "{task}: weight 0 changed the image");
+        assert_ne!(
+            images[0], images[2],
+            "{task}: weight 0.7 left the image unchanged"
+        );
+    }
     Ok(())
 }
