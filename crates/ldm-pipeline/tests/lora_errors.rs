@@ -226,3 +226,31 @@ fn ldm_style_names_patch_the_same_weight() -> R {
     }
     Ok(())
 }
+
+/// Each module scales by its own alpha / rank; a module without `alpha` uses scale 1 (kohya, A1111, ComfyUI).
+#[test]
+fn per_module_alpha_and_missing_alpha() -> R {
+    let dir = tempfile::tempdir()?;
+    let k = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_k";
+    let k_key = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_k.weight";
+    let mut map: HashMap<String, Tensor> = HashMap::new();
+    let ones = |s: &[usize]| Tensor::ones(s, DType::F32, &Device::Cpu);
+    map.insert(format!("{Q}.lora_down.weight"), ones(&[4, 32])?);
+    map.insert(format!("{Q}.lora_up.weight"), ones(&[32, 4])?);
+    map.insert(format!("{Q}.alpha"), Tensor::new(8f32, &Device::Cpu)?); // 8 / 4 = 2
+    map.insert(format!("{k}.lora_down.weight"), ones(&[2, 32])?);
+    map.insert(format!("{k}.lora_up.weight"), ones(&[32, 2])?); // no alpha: scale 1
+    let path = dir.path().join("a.safetensors");
+    candle_core::safetensors::save(&map, &path)?;
+    let mut opened = open(&model(), None)?;
+    let base = open(&model(), None)?;
+    apply_loras(&mut opened, &[(path, 0.25)])?;
+    // up @ down of ones = rank everywhere: q 0.25·2·4 = 2, k 0.25·1·2 = 0.5
+    for (key, add) in [(Q_KEY, 2.0), (k_key, 0.5)] {
+        let want = (base.store.load(key, DType::F32, &Device::Cpu)? + add)?;
+        let got = opened.store.load(key, DType::F32, &Device::Cpu)?;
+        let d = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(d <= 1e-6, "{key}: {d}");
+    }
+    Ok(())
+}

@@ -116,7 +116,14 @@ fn sd1_lora_merged_weights_match_diffusers_fuse_lora() -> R {
 /// Several files (here the same one twice, 0.3 + 0.4) add up.
 #[test]
 fn two_loras_add_up() -> R {
-    check_merged("sd1-tiny", "model.safetensors", "sd1", false, 44, &[0.3, 0.4])?;
+    check_merged(
+        "sd1-tiny",
+        "model.safetensors",
+        "sd1",
+        false,
+        44,
+        &[0.3, 0.4],
+    )?;
     Ok(())
 }
 
