@@ -51,6 +51,28 @@ impl LoraLayer {
     }
 }
 
+/// LoRA settings (kohya's `network_dim`, `network_alpha`) and the seed of the `lora_down` initialisation.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraConfig {
+    /// r
+    pub rank: usize,
+    /// α: the change is scaled by α / r
+    pub alpha: f64,
+    pub seed: u64,
+}
+
+impl Default for LoraConfig {
+    /// kohya sd-scripts' defaults: `network_dim` 4, `network_alpha` 1.
+    fn default() -> Self {
+        Self {
+            rank: 4,
+            alpha: 1.0,
+            seed: 0,
+        }
+    }
+}
+
 /// The trainable LoRA pairs of one model.
 #[derive(Debug, Clone)]
 pub struct LoraSet {
@@ -78,17 +100,16 @@ impl LoraSet {
             .collect()
     }
 
-    /// New pairs of rank `rank` on `keys` (canonical weight keys of `store`, each with a kohya name in
-    /// `targets`): D drawn from U(±1/√fan_in) by a torch-compatible generator seeded with `seed`, U zero.
+    /// New pairs of rank `config.rank` on `keys` (canonical weight keys of `store`, each with a kohya name in
+    /// `targets`): D drawn from U(±1/√fan_in) by a torch-compatible generator seeded with `config.seed`, U zero.
     pub fn new(
         store: &WeightStore,
         targets: &LoraTargets,
         keys: &[String],
-        rank: usize,
-        alpha: f64,
-        seed: u64,
+        config: &LoraConfig,
         device: &Device,
     ) -> Result<Self> {
+        let LoraConfig { rank, alpha, seed } = *config;
         if rank == 0 {
             return Err(TrainError::invalid("lora rank", "must be at least 1"));
         }

@@ -12,7 +12,7 @@ use ldm_core::weights::{SafetensorsFile, StrictLoader, WeightStore};
 use ldm_models::import::UNET_PREFIX;
 use ldm_models::lora::{apply_loras, read_lora, LoraTargets};
 use ldm_models::unet::{HeadSpec, Unet, UnetConfig};
-use ldm_train::lora::{save_kohya, LoraBackend, LoraSet};
+use ldm_train::lora::{save_kohya, LoraBackend, LoraConfig, LoraSet};
 
 type R<T = ()> = Result<T, Box<dyn std::error::Error>>;
 
@@ -23,6 +23,10 @@ fn sd1_store() -> R<WeightStore> {
     let mut store = WeightStore::new(path.display().to_string());
     store.add_file(&file, "");
     Ok(store)
+}
+
+fn lora_cfg(rank: usize, alpha: f64, seed: u64) -> LoraConfig {
+    LoraConfig { rank, alpha, seed }
 }
 
 /// fixtures/sd1-tiny's UNet (model.yaml).
@@ -73,7 +77,13 @@ fn trained_set(store: &WeightStore, rank: usize, alpha: f64) -> R<(LoraTargets, 
     let cfg = sd1_tiny_unet();
     let targets = LoraTargets::for_model(store, Some(&cfg), None);
     let keys = LoraSet::default_keys(store);
-    let set = LoraSet::new(store, &targets, &keys, rank, alpha, 7, &Device::Cpu)?;
+    let set = LoraSet::new(
+        store,
+        &targets,
+        &keys,
+        &lora_cfg(rank, alpha, 7),
+        &Device::Cpu,
+    )?;
     for (i, l) in set.layers().iter().enumerate() {
         l.up.set(&randn(100 + i as u64, 0.5, l.up.shape())?)?;
     }
@@ -98,8 +108,8 @@ fn default_targets_and_init() -> R {
     let keys = LoraSet::default_keys(&store);
     // transformers at input_blocks.1, middle_block.1, output_blocks.2 and .3: 2 attentions x 4 projections each
     assert_eq!(keys.len(), 32);
-    let set = LoraSet::new(&store, &targets, &keys, 4, 4.0, 7, &Device::Cpu)?;
-    let again = LoraSet::new(&store, &targets, &keys, 4, 4.0, 7, &Device::Cpu)?;
+    let set = LoraSet::new(&store, &targets, &keys, &lora_cfg(4, 4.0, 7), &Device::Cpu)?;
+    let again = LoraSet::new(&store, &targets, &keys, &lora_cfg(4, 4.0, 7), &Device::Cpu)?;
     for (l, m) in set.layers().iter().zip(again.layers()) {
         assert_eq!(l.up.as_tensor().abs()?.max_all()?.to_scalar::<f32>()?, 0.0);
         let fan_in = l.shape[1..].iter().product::<usize>() as f32;
@@ -212,7 +222,7 @@ fn lora_unet_is_the_base_at_init_and_the_merged_model_after() -> R {
 
     let targets = LoraTargets::for_model(&store, Some(&cfg), None);
     let keys = LoraSet::default_keys(&store);
-    let set = LoraSet::new(&store, &targets, &keys, 4, 4.0, 1, &dev)?;
+    let set = LoraSet::new(&store, &targets, &keys, &lora_cfg(4, 4.0, 1), &dev)?;
     let backend = LoraBackend::new(&store, UNET_PREFIX, &set, DType::F32, &dev)?;
     // Not bit-exact: patched weights track gradients, so attention takes ldm_models::ops' differentiable softmax
     // and layer norm instead of candle's fused kernels (same maths, other rounding).
@@ -248,11 +258,11 @@ fn bad_settings_are_refused() -> R {
     let targets = LoraTargets::for_model(&store, Some(&sd1_tiny_unet()), None);
     let keys = LoraSet::default_keys(&store);
     let dev = Device::Cpu;
-    assert!(LoraSet::new(&store, &targets, &keys, 0, 1.0, 0, &dev).is_err());
-    assert!(LoraSet::new(&store, &targets, &keys, 2, f64::NAN, 0, &dev).is_err());
-    assert!(LoraSet::new(&store, &targets, &[], 2, 1.0, 0, &dev).is_err());
+    assert!(LoraSet::new(&store, &targets, &keys, &lora_cfg(0, 1.0, 0), &dev).is_err());
+    assert!(LoraSet::new(&store, &targets, &keys, &lora_cfg(2, f64::NAN, 0), &dev).is_err());
+    assert!(LoraSet::new(&store, &targets, &[], &lora_cfg(2, 1.0, 0), &dev).is_err());
     let norm = vec!["model.diffusion_model.input_blocks.1.1.norm.weight".to_string()];
-    let e = LoraSet::new(&store, &targets, &norm, 2, 1.0, 0, &dev)
+    let e = LoraSet::new(&store, &targets, &norm, &lora_cfg(2, 1.0, 0), &dev)
         .err()
         .ok_or("accepted a norm")?;
     assert!(e.to_string().contains("norm.weight"), "{e}");
