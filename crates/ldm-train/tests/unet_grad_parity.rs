@@ -81,10 +81,7 @@ fn trainable_unet(dev: &Device) -> Result<(Unet, Vec<(String, Var)>), Box<dyn st
         .filter(|(k, _)| !weights.contains_key(k))
         .map(|(k, _)| k.as_str())
         .collect();
-    assert!(
-        missing.is_empty(),
-        "weights missing from the fixture: {missing:?}"
-    );
+    assert!(missing.is_empty(), "weights missing from the fixture: {missing:?}");
     assert_eq!(vars.len(), weights.len(), "unused weights in the fixture");
     for (k, var) in &vars {
         var.set(&weights[k].to_dtype(DType::F32)?)?;
@@ -112,10 +109,7 @@ fn grad_error(x: &[f32], y: &[f32]) -> (f32, f32) {
     let floor = (GRAD_FLOOR * scale).max(f32::MIN_POSITIVE);
     x.iter().zip(y).fold((0f32, 0f32), |(w, d), (&a, &b)| {
         let diff = (a - b).abs();
-        (
-            w.max(diff / (GRAD_R * (a + b).abs()).max(floor)),
-            d.max(diff),
-        )
+        (w.max(diff / (GRAD_R * (a + b).abs()).max(floor)), d.max(diff))
     })
 }
 
@@ -124,9 +118,7 @@ fn unet_eps_and_v_loss_gradients_match_torch() -> TestResult {
     let dev = Device::Cpu;
     let reference = candle_core::safetensors::load(fixture("ref.safetensors"), &dev)?;
     let r = |k: &str| -> Result<&Tensor, String> {
-        reference
-            .get(k)
-            .ok_or_else(|| format!("ref.safetensors has no `{k}`"))
+        reference.get(k).ok_or_else(|| format!("ref.safetensors has no `{k}`"))
     };
     let (unet, vars) = trainable_unet(&dev)?;
     let z0 = r("z0")?;
@@ -135,20 +127,9 @@ fn unet_eps_and_v_loss_gradients_match_torch() -> TestResult {
     // The batch: torch's randn then randint from the same seed.
     let eps_obj = objective(Prediction::Epsilon);
     let input = eps_obj.sample_training_input(z0, &mut TorchRng::new(SEED))?;
-    let want_t: Vec<usize> = r("t")?
-        .to_vec1::<i64>()?
-        .iter()
-        .map(|&t| t as usize)
-        .collect();
-    assert_eq!(
-        input.timesteps, want_t,
-        "timesteps differ from torch.randint"
-    );
-    assert_eq!(
-        flat(&input.eps)?,
-        flat(r("eps")?)?,
-        "noise differs from torch.randn"
-    );
+    let want_t: Vec<usize> = r("t")?.to_vec1::<i64>()?.iter().map(|&t| t as usize).collect();
+    assert_eq!(input.timesteps, want_t, "timesteps differ from torch.randint");
+    assert_eq!(flat(&input.eps)?, flat(r("eps")?)?, "noise differs from torch.randn");
     let zt_err = flat(&input.z_t)?
         .iter()
         .zip(flat(r("z_t")?)?)
@@ -163,17 +144,11 @@ fn unet_eps_and_v_loss_gradients_match_torch() -> TestResult {
         let loss = obj.loss(&pred, &input.target)?;
         let (ours, theirs) = (scalar(&loss)?, scalar(r(&format!("loss.{name}"))?)?);
         let rel = (ours - theirs).abs() / theirs.abs();
-        assert!(
-            rel <= LOSS_REL,
-            "loss.{name}: {ours} vs torch {theirs} (rel {rel:e})"
-        );
-        report.push(format!(
-            "loss.{name} {ours:.8} vs {theirs:.8}: rel err {rel:.3e}"
-        ));
+        assert!(rel <= LOSS_REL, "loss.{name}: {ours} vs torch {theirs} (rel {rel:e})");
+        report.push(format!("loss.{name} {ours:.8} vs {theirs:.8}: rel err {rel:.3e}"));
 
         let grads = loss.backward()?;
-        let (mut worst, mut worst_abs, mut worst_name, mut compared) =
-            (0f32, 0f32, String::new(), 0);
+        let (mut worst, mut worst_abs, mut worst_name, mut compared) = (0f32, 0f32, String::new(), 0);
         for (k, var) in &vars {
             let Some(want) = reference.get(&format!("{grad_prefix}{k}")) else {
                 continue;

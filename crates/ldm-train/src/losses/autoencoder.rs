@@ -49,8 +49,7 @@ use super::ssim::ssim_map;
 use crate::{Result, TrainError};
 
 /// The message that says, once, that the perceptual term is `1 − SSIM` (see [`Perceptual::notice`]).
-pub const SSIM_FALLBACK_NOTICE: &str =
-    "no VGG16/LPIPS weights given: the perceptual loss term is 1 − SSIM \
+pub const SSIM_FALLBACK_NOTICE: &str = "no VGG16/LPIPS weights given: the perceptual loss term is 1 − SSIM \
      (Gaussian window 11, σ 1.5) instead of LPIPS";
 
 /// The perceptual distance `P(x, x̂)` of the reconstruction loss.
@@ -228,11 +227,7 @@ impl Gan<'_> {
         if x.dims() != y.dims() {
             return Err(TrainError::invalid(
                 "autoencoder loss",
-                format!(
-                    "inputs {:?} and reconstructions {:?} differ in shape",
-                    x.dims(),
-                    y.dims()
-                ),
+                format!("inputs {:?} and reconstructions {:?} differ in shape", x.dims(), y.dims()),
             ));
         }
         let d = (x - y)?;
@@ -282,26 +277,17 @@ impl Gan<'_> {
             .ok_or_else(|| missing("the reconstruction (nll)"))?;
         let f = self.adopt(step);
         let (d_weight, dy) = if lambda {
-            let dy_g =
-                ev.g.backward()?
-                    .get(leaf.as_tensor())
-                    .cloned()
-                    .ok_or_else(|| missing("the reconstruction (g)"))?;
+            let dy_g = ev
+                .g
+                .backward()?
+                .get(leaf.as_tensor())
+                .cloned()
+                .ok_or_else(|| missing("the reconstruction (g)"))?;
             let h_d = last.input.detach();
             let gw_nll = Self::weight_grad(&last, &h_d, &dy_nll)?;
             let gw_g = Self::weight_grad(&last, &h_d, &dy_g)?;
-            let n_nll = gw_nll
-                .sqr()?
-                .sum_all()?
-                .to_dtype(DType::F64)?
-                .to_scalar::<f64>()?
-                .sqrt();
-            let n_g = gw_g
-                .sqr()?
-                .sum_all()?
-                .to_dtype(DType::F64)?
-                .to_scalar::<f64>()?
-                .sqrt();
+            let n_nll = gw_nll.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?.sqrt();
+            let n_g = gw_g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?.sqrt();
             let w = (n_nll / (n_g + 1e-4)).clamp(0.0, 1e4) * self.disc_weight;
             let dy = if w * f != 0.0 {
                 (&dy_nll + (dy_g * (w * f))?)?
@@ -401,8 +387,7 @@ impl LpipsWithDiscriminator {
         };
         let lambda = self.config.disc_factor > 0.0;
         let (surrogate, ev, nll, y, d_weight, f) =
-            self.gan()
-                .generator(x, last, global_step, lambda, &nll_of)?;
+            self.gan().generator(x, last, global_step, lambda, &nll_of)?;
         // KL(q(z|x) ‖ N(0, I)), summed per image, averaged over the batch.
         let kl = ((posterior.mean.sqr()? + posterior.logvar.exp()?)? - 1.0)?;
         let kl = ((kl - &posterior.logvar)?.sum_all()? * (0.5 / b))?;
@@ -440,8 +425,7 @@ impl LpipsWithDiscriminator {
         reconstructions: &Tensor,
         global_step: u64,
     ) -> Result<DiscriminatorStep> {
-        self.gan()
-            .discriminator_step(x, reconstructions, global_step)
+        self.gan().discriminator_step(x, reconstructions, global_step)
     }
 }
 
@@ -536,7 +520,6 @@ impl VqLpipsWithDiscriminator {
         reconstructions: &Tensor,
         global_step: u64,
     ) -> Result<DiscriminatorStep> {
-        self.gan()
-            .discriminator_step(x, reconstructions, global_step)
+        self.gan().discriminator_step(x, reconstructions, global_step)
     }
 }

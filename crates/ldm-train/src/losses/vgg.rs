@@ -14,13 +14,8 @@ use candle_nn::{Conv2d, Conv2dConfig};
 use crate::{Result, TrainError};
 
 /// `features.N` indices of the convolutions, grouped by slice (a max-pool opens every slice but the first).
-pub const VGG16_CONV_SLICES: [&[usize]; 5] = [
-    &[0, 2],
-    &[5, 7],
-    &[10, 12, 14],
-    &[17, 19, 21],
-    &[24, 26, 28],
-];
+pub const VGG16_CONV_SLICES: [&[usize]; 5] =
+    [&[0, 2], &[5, 7], &[10, 12, 14], &[17, 19, 21], &[24, 26, 28]];
 
 /// VGG16 `features` up to `relu5_3`, frozen (its weights are plain tensors, not variables).
 #[derive(Debug, Clone)]
@@ -71,11 +66,7 @@ impl Vgg16Features {
                 if b.dims() != [dims[0]] {
                     return Err(bad(
                         source,
-                        format!(
-                            "`features.{i}.bias` is {:?}, expected [{}]",
-                            b.dims(),
-                            dims[0]
-                        ),
+                        format!("`features.{i}.bias` is {:?}, expected [{}]", b.dims(), dims[0]),
                     ));
                 }
                 in_ch = dims[0];
