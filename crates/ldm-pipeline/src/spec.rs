@@ -473,10 +473,14 @@ impl ModelSpec {
                 if !crossattn {
                     return Err(bad("a ClassEmbedder without cross-attention".into()));
                 }
-                CondSpec::Class(ClassEmbedderConfig::from_original(
-                    Some(c.n_classes),
-                    c.embed_dim,
-                ))
+                let mut class = ClassEmbedderConfig::from_original(Some(c.n_classes), c.embed_dim);
+                if c.ucg_rate > 0.0 {
+                    // Trained with label dropout: the last row is the null class.
+                    class.null_class = Some(c.n_classes.checked_sub(1).ok_or_else(|| {
+                        bad("a ClassEmbedder with ucg_rate > 0 needs a null-class row".into())
+                    })?);
+                }
+                CondSpec::Class(class)
             }
             OriginalCondStage::SpatialRescaler(r) => {
                 if !concat_key {

@@ -355,7 +355,7 @@ fn tensor_bytes(t: &Tensor) -> Result<Vec<u8>> {
 }
 
 /// Writes a safetensors file (header with `__metadata__`, then the tensors in key order) to `w`.
-fn write_safetensors(
+pub fn write_safetensors(
     w: &mut impl Write,
     tensors: &[(String, &Tensor)],
     metadata: &BTreeMap<String, String>,
@@ -396,6 +396,15 @@ fn write_safetensors(
         w.write_all(&tensor_bytes(t)?).map_err(io)?;
     }
     Ok(())
+}
+
+/// Writes `tensors` (with string `metadata`) to `path` as one safetensors file, atomically.
+pub fn save_safetensors(
+    path: &Path,
+    tensors: &[(String, &Tensor)],
+    metadata: &BTreeMap<String, String>,
+) -> Result<()> {
+    write_atomic(path, |w| write_safetensors(w, tensors, metadata))
 }
 
 /// The temporary name `path` is written under before the rename: `<path>.tmp-<pid>`.

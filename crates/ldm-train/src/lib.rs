@@ -7,6 +7,8 @@ pub mod diffusion;
 pub mod ema;
 pub mod error;
 pub mod grad;
+pub mod grid;
+pub mod ldm;
 pub mod log;
 pub mod lora;
 pub mod losses;
@@ -14,5 +16,8 @@ pub mod lr;
 pub mod optim;
 pub mod plot;
 pub mod recipe;
+pub mod run;
+pub mod setup;
 
 pub use error::{Result, TrainError};
+pub use run::{Event, RunOptions, Summary};

@@ -159,7 +159,8 @@ impl AutoencoderKl {
     /// [`AutoencoderKl::decoder_conv_out`].
     pub fn decode_features(&self, z: &Tensor) -> Result<Tensor> {
         self.check_latent(z)?;
-        self.decoder.forward_features(&self.post_quant_conv.forward(z)?)
+        self.decoder
+            .forward_features(&self.post_quant_conv.forward(z)?)
     }
 
     /// The decoder's last layer (`decoder.conv_out`).

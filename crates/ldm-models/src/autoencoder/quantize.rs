@@ -227,6 +227,42 @@ mod tests {
     }
 
     #[test]
+    fn training_forward_is_straight_through_and_weighs_beta_as_the_original() -> Result<()> {
+        let dev = Device::Cpu;
+        for (legacy, codebook_scale) in [(true, 0.25f32), (false, 1.0)] {
+            let cb = candle_core::Var::new(&[[0f32, 0.], [1., 0.]], &dev)?;
+            let z = candle_core::Var::new(&[[[[0.9f32]], [[0.2]]]], &dev)?; // [1, 2, 1, 1]
+            let vq = VectorQuantizer::from_codebook(cb.as_tensor().clone())?;
+            let q = vq.forward_train(z.as_tensor(), 0.25, legacy)?;
+            assert_eq!(q.indices.flatten_all()?.to_vec1::<u32>()?, vec![1]);
+            assert_eq!(q.z_q.flatten_all()?.to_vec1::<f32>()?, vec![1.0, 0.0]);
+            // mse(z_q, z) = (0.1² + 0.2²)/2 = 0.025, counted (1 + β) times either way.
+            let loss = q.loss.to_scalar::<f32>()?;
+            assert!((loss - 1.25 * 0.025).abs() < 1e-7, "{loss}");
+            // The codebook term 2(z_q − z)/N carries β only in the legacy form.
+            let g = q.loss.backward()?;
+            let gc = g
+                .get(cb.as_tensor())
+                .map(|t| t.to_vec2::<f32>())
+                .transpose()?;
+            let row = gc.map(|r| r[1].clone()).unwrap_or_default();
+            let want = [0.1 * codebook_scale, -0.2 * codebook_scale];
+            assert!(
+                (row[0] - want[0]).abs() < 1e-6 && (row[1] - want[1]).abs() < 1e-6,
+                "{row:?}"
+            );
+            // Straight through: d(sum z_q)/dz = 1.
+            let g = q.z_q.sum_all()?.backward()?;
+            let gz = g
+                .get(z.as_tensor())
+                .map(|t| t.flatten_all()?.to_vec1::<f32>())
+                .transpose()?;
+            assert_eq!(gz, Some(vec![1.0, 1.0]));
+        }
+        Ok(())
+    }
+
+    #[test]
     fn rejects_wrong_channels_and_out_of_range_indices() -> Result<()> {
         let dev = Device::Cpu;
         let vq = VectorQuantizer::from_codebook(Tensor::zeros((4, 3), DType::F32, &dev)?)?;

@@ -224,7 +224,8 @@ impl VqModel {
                 self.config.embed_dim
             );
         }
-        self.decoder.forward_features(&self.post_quant_conv.forward(z)?)
+        self.decoder
+            .forward_features(&self.post_quant_conv.forward(z)?)
     }
 
     /// The decoder's last layer (`decoder.conv_out`).

@@ -96,6 +96,9 @@ pub struct ClassEmbedder {
     pub n_classes: usize,
     /// Batch key of the label (default `class`).
     pub key: String,
+    /// Probability with which training replaced the label by the null class `n_classes − 1` (Stability's
+    /// `ClassEmbedder`; 0 = no null class, except the 1001-row cin256 table).
+    pub ucg_rate: f64,
 }
 
 /// Interpolation mode of [`SpatialRescaler`] (`torch.nn.functional.interpolate`'s `mode`).
@@ -211,6 +214,7 @@ pub(crate) fn parse(
             embed_dim: p.req_usize("embed_dim")?,
             n_classes: p.usize_or("n_classes", 1000)?,
             key: p.str_or("key", "class")?,
+            ucg_rate: p.f64_or("ucg_rate", 0.0)?,
         }),
         Target::SpatialRescaler => {
             let method = match p.str_or("method", "bilinear")?.as_str() {

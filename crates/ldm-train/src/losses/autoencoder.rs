@@ -49,7 +49,8 @@ use super::ssim::ssim_map;
 use crate::{Result, TrainError};
 
 /// The message that says, once, that the perceptual term is `1 − SSIM` (see [`Perceptual::notice`]).
-pub const SSIM_FALLBACK_NOTICE: &str = "no VGG16/LPIPS weights given: the perceptual loss term is 1 − SSIM \
+pub const SSIM_FALLBACK_NOTICE: &str =
+    "no VGG16/LPIPS weights given: the perceptual loss term is 1 − SSIM \
      (Gaussian window 11, σ 1.5) instead of LPIPS";
 
 /// The perceptual distance `P(x, x̂)` of the reconstruction loss.
@@ -170,7 +171,8 @@ pub struct GeneratorStep {
     pub grads: GradStore,
     /// `x̂`, detached: the reconstructions (for logging or the discriminator step).
     pub reconstructions: Tensor,
-    /// The reference's `log` dict without the split prefix (`total_loss`, `nll_loss`, `d_weight`, ...).
+    /// The reference's `log` dict without the split prefix (`total_loss`, `nll_loss`, `d_weight`, ...), plus
+    /// `nll_grad_norm` and `g_grad_norm` (`‖∇_W nll‖`, `‖∇_W g‖`) when λ was computed.
     pub log: BTreeMap<String, f64>,
 }
 
@@ -193,6 +195,30 @@ struct Gan<'a> {
     disc_factor: f64,
     disc_start: u64,
     disc_loss: DiscLoss,
+}
+
+/// What [`Gan::generator`] hands to the two losses.
+struct Generated {
+    /// `Σ x̂·sg[∂L/∂x̂]` in the autoencoder's graph.
+    surrogate: Tensor,
+    ev: Evaluated,
+    nll: Tensor,
+    /// `x̂` in the autoencoder's graph.
+    y: Tensor,
+    d_weight: f64,
+    /// The adopted disc_factor.
+    f: f64,
+    /// `‖∇_W nll‖`, `‖∇_W g‖` when λ was computed.
+    norms: Option<(f64, f64)>,
+}
+
+impl Generated {
+    fn log_norms(&self, log: &mut BTreeMap<String, f64>) {
+        if let Some((n, g)) = self.norms {
+            log.insert("nll_grad_norm".to_string(), n);
+            log.insert("g_grad_norm".to_string(), g);
+        }
+    }
 }
 
 /// The pieces of a generator pass on the leaf reconstruction.
@@ -227,7 +253,11 @@ impl Gan<'_> {
         if x.dims() != y.dims() {
             return Err(TrainError::invalid(
                 "autoencoder loss",
-                format!("inputs {:?} and reconstructions {:?} differ in shape", x.dims(), y.dims()),
+                format!(
+                    "inputs {:?} and reconstructions {:?} differ in shape",
+                    x.dims(),
+                    y.dims()
+                ),
             ));
         }
         let d = (x - y)?;
@@ -265,7 +295,7 @@ impl Gan<'_> {
         step: u64,
         lambda: bool,
         nll_of: &dyn Fn(&Tensor) -> Result<Tensor>,
-    ) -> Result<(Tensor, Evaluated, Tensor, Tensor, f64, f64)> {
+    ) -> Result<Generated> {
         let y = last.conv.forward(last.input)?; // x̂ in the autoencoder's graph
         let leaf = Var::from_tensor(&y.detach())?;
         let ev = self.evaluate(&x.detach(), leaf.as_tensor())?;
@@ -276,19 +306,30 @@ impl Gan<'_> {
             .cloned()
             .ok_or_else(|| missing("the reconstruction (nll)"))?;
         let f = self.adopt(step);
+        let mut norms = None;
         let (d_weight, dy) = if lambda {
-            let dy_g = ev
-                .g
-                .backward()?
-                .get(leaf.as_tensor())
-                .cloned()
-                .ok_or_else(|| missing("the reconstruction (g)"))?;
+            let dy_g =
+                ev.g.backward()?
+                    .get(leaf.as_tensor())
+                    .cloned()
+                    .ok_or_else(|| missing("the reconstruction (g)"))?;
             let h_d = last.input.detach();
             let gw_nll = Self::weight_grad(&last, &h_d, &dy_nll)?;
             let gw_g = Self::weight_grad(&last, &h_d, &dy_g)?;
-            let n_nll = gw_nll.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?.sqrt();
-            let n_g = gw_g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?.sqrt();
+            let n_nll = gw_nll
+                .sqr()?
+                .sum_all()?
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()?
+                .sqrt();
+            let n_g = gw_g
+                .sqr()?
+                .sum_all()?
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()?
+                .sqrt();
             let w = (n_nll / (n_g + 1e-4)).clamp(0.0, 1e4) * self.disc_weight;
+            norms = Some((n_nll, n_g));
             let dy = if w * f != 0.0 {
                 (&dy_nll + (dy_g * (w * f))?)?
             } else {
@@ -299,7 +340,15 @@ impl Gan<'_> {
             (0.0, dy_nll)
         };
         let surrogate = (&y * dy)?.sum_all()?;
-        Ok((surrogate, ev, nll, y, d_weight, f))
+        Ok(Generated {
+            surrogate,
+            ev,
+            nll,
+            y,
+            d_weight,
+            f,
+            norms,
+        })
     }
 
     fn discriminator_step(&self, x: &Tensor, y: &Tensor, step: u64) -> Result<DiscriminatorStep> {
@@ -386,8 +435,10 @@ impl LpipsWithDiscriminator {
             Ok(((rec.sum_all()?.broadcast_mul(&inv)? + (lv * n)?)? / b)?)
         };
         let lambda = self.config.disc_factor > 0.0;
-        let (surrogate, ev, nll, y, d_weight, f) =
-            self.gan().generator(x, last, global_step, lambda, &nll_of)?;
+        let gen = self
+            .gan()
+            .generator(x, last, global_step, lambda, &nll_of)?;
+        let (ev, d_weight, f) = (&gen.ev, gen.d_weight, gen.f);
         // KL(q(z|x) ‖ N(0, I)), summed per image, averaged over the batch.
         let kl = ((posterior.mean.sqr()? + posterior.logvar.exp()?)? - 1.0)?;
         let kl = ((kl - &posterior.logvar)?.sum_all()? * (0.5 / b))?;
@@ -395,11 +446,11 @@ impl LpipsWithDiscriminator {
         let rec_sum = ev.rec.sum_all()?.detach();
         let n = ev.rec.elem_count() as f64;
         let lv_term = ((rec_sum.broadcast_mul(&lv.neg()?.exp()?)? + (lv * n)?)? / b)?;
-        let s = ((surrogate + (&kl * self.config.kl_weight)?)? + lv_term)?;
+        let s = ((&gen.surrogate + (&kl * self.config.kl_weight)?)? + lv_term)?;
         let grads = s.backward()?;
-        let (nll_v, kl_v, g_v) = (scalar(&nll)?, scalar(&kl)?, scalar(&ev.g)?);
+        let (nll_v, kl_v, g_v) = (scalar(&gen.nll)?, scalar(&kl)?, scalar(&ev.g)?);
         let loss = nll_v + self.config.kl_weight * kl_v + d_weight * f * g_v;
-        let log = BTreeMap::from([
+        let mut log = BTreeMap::from([
             ("total_loss".to_string(), loss),
             ("logvar".to_string(), scalar(lv)?),
             ("kl_loss".to_string(), kl_v),
@@ -409,10 +460,11 @@ impl LpipsWithDiscriminator {
             ("disc_factor".to_string(), f),
             ("g_loss".to_string(), g_v),
         ]);
+        gen.log_norms(&mut log);
         Ok(GeneratorStep {
             loss,
             grads,
-            reconstructions: y.detach(),
+            reconstructions: gen.y.detach(),
             log,
         })
     }
@@ -425,7 +477,8 @@ impl LpipsWithDiscriminator {
         reconstructions: &Tensor,
         global_step: u64,
     ) -> Result<DiscriminatorStep> {
-        self.gan().discriminator_step(x, reconstructions, global_step)
+        self.gan()
+            .discriminator_step(x, reconstructions, global_step)
     }
 }
 
@@ -484,18 +537,18 @@ impl VqLpipsWithDiscriminator {
         global_step: u64,
     ) -> Result<GeneratorStep> {
         let nll_of = |rec: &Tensor| -> Result<Tensor> { Ok(rec.mean_all()?) };
-        let (surrogate, ev, nll, y, d_weight, f) =
-            self.gan().generator(x, last, global_step, true, &nll_of)?;
+        let gen = self.gan().generator(x, last, global_step, true, &nll_of)?;
+        let (ev, d_weight, f) = (&gen.ev, gen.d_weight, gen.f);
         let q = codebook_loss.mean_all()?;
-        let s = (surrogate + (&q * self.config.codebook_weight)?)?;
+        let s = (&gen.surrogate + (&q * self.config.codebook_weight)?)?;
         let grads = s.backward()?;
-        let (nll_v, q_v, g_v) = (scalar(&nll)?, scalar(&q)?, scalar(&ev.g)?);
+        let (nll_v, q_v, g_v) = (scalar(&gen.nll)?, scalar(&q)?, scalar(&ev.g)?);
         let loss = nll_v + d_weight * f * g_v + self.config.codebook_weight * q_v;
         let p_v = match &ev.p_loss {
             Some(p) => scalar(p)?,
             None => 0.0,
         };
-        let log = BTreeMap::from([
+        let mut log = BTreeMap::from([
             ("total_loss".to_string(), loss),
             ("quant_loss".to_string(), q_v),
             ("nll_loss".to_string(), nll_v),
@@ -505,10 +558,11 @@ impl VqLpipsWithDiscriminator {
             ("disc_factor".to_string(), f),
             ("g_loss".to_string(), g_v),
         ]);
+        gen.log_norms(&mut log);
         Ok(GeneratorStep {
             loss,
             grads,
-            reconstructions: y.detach(),
+            reconstructions: gen.y.detach(),
             log,
         })
     }
@@ -520,6 +574,154 @@ impl VqLpipsWithDiscriminator {
         reconstructions: &Tensor,
         global_step: u64,
     ) -> Result<DiscriminatorStep> {
-        self.gan().discriminator_step(x, reconstructions, global_step)
+        self.gan()
+            .discriminator_step(x, reconstructions, global_step)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+    use candle_nn::{Conv2dConfig, VarMap};
+
+    struct Setup {
+        vm: VarMap,
+        loss: LpipsWithDiscriminator,
+        x: Tensor,
+        h: Var,
+        conv: Conv2d,
+        moments: Var,
+    }
+
+    fn setup(disc_start: u64) -> Result<Setup> {
+        let dev = Device::Cpu;
+        let vm = VarMap::new();
+        let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
+        let cfg = KlLossConfig {
+            disc_start,
+            logvar_init: 0.2,
+            kl_weight: 1e-2,
+            disc_weight: 0.5,
+            discriminator: DiscriminatorConfig {
+                input_nc: 3,
+                ndf: 4,
+                n_layers: 1,
+            },
+            ..KlLossConfig::ldm_kl()
+        };
+        let loss = LpipsWithDiscriminator::new(cfg, Perceptual::Ssim, vb.pp("loss"))?;
+        let w = vb.get_with_hints(
+            (3, 5, 3, 3),
+            "conv_out.weight",
+            Init::Randn {
+                mean: 0.0,
+                stdev: 0.2,
+            },
+        )?;
+        let b = vb.get_with_hints(3, "conv_out.bias", Init::Const(0.1))?;
+        let conv = Conv2d::new(
+            w,
+            Some(b),
+            Conv2dConfig {
+                padding: 1,
+                ..Default::default()
+            },
+        );
+        Ok(Setup {
+            loss,
+            x: Tensor::randn(0f32, 0.5, (2, 3, 16, 16), &dev)?.clamp(-1f32, 1f32)?,
+            h: Var::randn(0f32, 1.0, (2, 5, 16, 16), &dev)?,
+            conv,
+            moments: Var::randn(0f32, 0.5, (2, 4, 4, 4), &dev)?,
+            vm,
+        })
+    }
+
+    #[test]
+    fn surrogate_gradients_equal_those_of_the_total_loss() -> Result<()> {
+        let s = setup(0)?;
+        assert_eq!(s.loss.perceptual().notice(), Some(SSIM_FALLBACK_NOTICE));
+        let post = DiagonalGaussian::from_moments(s.moments.as_tensor())?;
+        let last = LastLayer {
+            input: s.h.as_tensor(),
+            conv: &s.conv,
+        };
+        let out = s.loss.generator_step(&s.x, &post, last, 5)?;
+        let lambda = out.log["d_weight"];
+        assert!(lambda > 0.0 && out.log["disc_factor"] == 1.0);
+        // The total loss as one graph, with the same λ: its gradients must be the same.
+        let y = s.conv.forward(s.h.as_tensor())?;
+        let rec = (&s.x - &y)?
+            .abs()?
+            .broadcast_add(&Perceptual::Ssim.distance(&s.x, &y)?)?;
+        let lv = s.loss.logvar();
+        let nll = ((rec.sum_all()?.broadcast_mul(&lv.neg()?.exp()?)?
+            + (lv * rec.elem_count() as f64)?)?
+            / 2.0)?;
+        let kl = ((post.mean.sqr()? + post.logvar.exp()?)? - 1.0)?;
+        let kl = ((kl - &post.logvar)?.sum_all()? * 0.25)?;
+        let g = s
+            .loss
+            .discriminator()
+            .forward_train(&y)?
+            .mean_all()?
+            .neg()?;
+        let total = ((nll + (kl * 1e-2)?)? + (g * lambda)?)?;
+        let total_v = total.to_scalar::<f32>()? as f64;
+        assert!(
+            (total_v - out.loss).abs() <= 1e-5 * total_v.abs(),
+            "{total_v} vs {}",
+            out.loss
+        );
+        let want = total.backward()?;
+        let data =
+            s.vm.data()
+                .lock()
+                .map_err(|_| TrainError::invalid("test", "lock"))?;
+        let mut vars: Vec<(&str, Tensor)> = vec![
+            ("h", s.h.as_tensor().clone()),
+            ("moments", s.moments.as_tensor().clone()),
+        ];
+        for k in ["conv_out.weight", "conv_out.bias", "loss.logvar"] {
+            let v = data.get(k).ok_or_else(|| TrainError::invalid("test", k))?;
+            vars.push((k, v.as_tensor().clone()));
+        }
+        for (name, v) in vars {
+            let a = out
+                .grads
+                .get(&v)
+                .ok_or_else(|| TrainError::invalid("test", name))?;
+            let b = want
+                .get(&v)
+                .ok_or_else(|| TrainError::invalid("test", name))?;
+            let scale = b.abs()?.max_all()?.to_scalar::<f32>()?.max(1e-6);
+            let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(
+                diff <= 1e-4 * scale,
+                "{name}: max diff {diff}, scale {scale}"
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn before_disc_start_the_gan_term_is_off_but_lambda_is_logged() -> Result<()> {
+        let s = setup(100)?;
+        let post = DiagonalGaussian::from_moments(s.moments.as_tensor())?;
+        let last = LastLayer {
+            input: s.h.as_tensor(),
+            conv: &s.conv,
+        };
+        let out = s.loss.generator_step(&s.x, &post, last, 99)?;
+        assert_eq!(out.log["disc_factor"], 0.0);
+        assert!(out.log["d_weight"] > 0.0);
+        let want = out.log["nll_loss"] + 1e-2 * out.log["kl_loss"];
+        assert!((out.loss - want).abs() <= 1e-9 * want.abs());
+        let d = s.loss.discriminator_step(&s.x, &out.reconstructions, 99)?;
+        assert_eq!(d.loss.to_scalar::<f32>()?, 0.0);
+        let d = s.loss.discriminator_step(&s.x, &out.reconstructions, 100)?;
+        assert!(d.loss.to_scalar::<f32>()? > 0.0);
+        Ok(())
     }
 }

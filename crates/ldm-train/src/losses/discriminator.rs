@@ -223,3 +223,57 @@ impl DiscLoss {
 fn softplus(x: &Tensor) -> Result<Tensor> {
     Ok((x.relu()? + (x.abs()?.neg()?.exp()? + 1.0)?.log()?)?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+    use candle_nn::VarMap;
+
+    #[test]
+    fn keys_shapes_and_init_follow_taming() -> Result<()> {
+        let vm = VarMap::new();
+        let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+        let d = NLayerDiscriminator::new(DiscriminatorConfig::default(), vb)?;
+        let data = vm
+            .data()
+            .lock()
+            .map_err(|_| TrainError::invalid("test", "lock"))?;
+        let shape = |k: &str| data.get(k).map(|v| v.as_tensor().dims().to_vec());
+        assert_eq!(shape("main.0.weight"), Some(vec![64, 3, 4, 4]));
+        assert_eq!(shape("main.2.weight"), Some(vec![128, 64, 4, 4]));
+        assert_eq!(shape("main.5.weight"), Some(vec![256, 128, 4, 4]));
+        assert_eq!(shape("main.8.weight"), Some(vec![512, 256, 4, 4]));
+        assert_eq!(shape("main.9.running_var"), Some(vec![512]));
+        assert_eq!(shape("main.11.weight"), Some(vec![1, 512, 4, 4]));
+        assert!(
+            shape("main.2.bias").is_none(),
+            "convs before BatchNorm have no bias"
+        );
+        assert_eq!(data.len(), 13 + 6);
+        let w = data.get("main.2.weight").map(|v| v.as_tensor().clone());
+        let w = w.ok_or_else(|| TrainError::invalid("test", "main.2.weight"))?;
+        let std = w.sqr()?.mean_all()?.sqrt()?.to_scalar::<f32>()?;
+        assert!((std - 0.02).abs() < 0.002, "conv init std {std}");
+        drop(data);
+        // 64 → 32 → 16 → 8 → 7 → 6: two stride-2 convs after the first, then two stride-1 4x4 convs.
+        let y = d.forward_train(&Tensor::randn(0f32, 1.0, (2, 3, 64, 64), &Device::Cpu)?)?;
+        assert_eq!(y.dims(), &[2, 1, 6, 6]);
+        Ok(())
+    }
+
+    #[test]
+    fn hinge_and_vanilla_losses() -> Result<()> {
+        let dev = Device::Cpu;
+        let real = Tensor::new(&[2f32, 0.5], &dev)?;
+        let fake = Tensor::new(&[-2f32, 0.0], &dev)?;
+        // hinge: real relu(1 − r) = [0, 0.5] → 0.25; fake relu(1 + f) = [0, 1] → 0.5; ½(0.75)
+        let h = DiscLoss::Hinge.loss(&real, &fake)?.to_scalar::<f32>()?;
+        assert!((h - 0.375).abs() < 1e-7);
+        let sp = |x: f64| (1.0 + x.exp()).ln();
+        let want = 0.5 * ((sp(-2.0) + sp(-0.5)) / 2.0 + (sp(-2.0) + sp(0.0)) / 2.0);
+        let v = DiscLoss::Vanilla.loss(&real, &fake)?.to_scalar::<f32>()? as f64;
+        assert!((v - want).abs() < 1e-6, "{v} vs {want}");
+        Ok(())
+    }
+}

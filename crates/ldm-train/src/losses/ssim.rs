@@ -2,7 +2,7 @@
 //! weights are given) and for the held-out evaluation of autoencoder training.
 //!
 //! SSIM here is scikit-image's `structural_similarity(gaussian_weights=True, sigma=1.5,
-//! use_sample_covariance=False, data_range=L, channel_axis=0)` (scikit-image 0.25):
+//! use_sample_covariance=False, data_range=L, channel_axis=0)` (scikit-image 0.26):
 //!
 //! | symbol            | meaning                                                                 |
 //! |-------------------|-------------------------------------------------------------------------|

@@ -14,8 +14,13 @@ use candle_nn::{Conv2d, Conv2dConfig};
 use crate::{Result, TrainError};
 
 /// `features.N` indices of the convolutions, grouped by slice (a max-pool opens every slice but the first).
-pub const VGG16_CONV_SLICES: [&[usize]; 5] =
-    [&[0, 2], &[5, 7], &[10, 12, 14], &[17, 19, 21], &[24, 26, 28]];
+pub const VGG16_CONV_SLICES: [&[usize]; 5] = [
+    &[0, 2],
+    &[5, 7],
+    &[10, 12, 14],
+    &[17, 19, 21],
+    &[24, 26, 28],
+];
 
 /// VGG16 `features` up to `relu5_3`, frozen (its weights are plain tensors, not variables).
 #[derive(Debug, Clone)]
@@ -66,7 +71,11 @@ impl Vgg16Features {
                 if b.dims() != [dims[0]] {
                     return Err(bad(
                         source,
-                        format!("`features.{i}.bias` is {:?}, expected [{}]", b.dims(), dims[0]),
+                        format!(
+                            "`features.{i}.bias` is {:?}, expected [{}]",
+                            b.dims(),
+                            dims[0]
+                        ),
                     ));
                 }
                 in_ch = dims[0];
@@ -89,7 +98,7 @@ impl Vgg16Features {
         let mut outs = Vec::with_capacity(5);
         for (s, convs) in self.slices.iter().enumerate() {
             if s > 0 {
-                h = h.max_pool2d(2)?; // features.{4,9,16,23}
+                h = max_pool_2x2(&h)?; // features.{4,9,16,23}
             }
             for conv in convs {
                 h = conv.forward(&h)?.relu()?;
@@ -100,9 +109,53 @@ impl Vgg16Features {
     }
 }
 
+/// `nn.MaxPool2d(2, 2)` (odd trailing rows/columns dropped), built from a reshape and two max reductions so
+/// that its gradient is right: candle 0.11.1's `max_pool2d` backward scales the gradient by 1/4 (it multiplies
+/// by the tie fraction instead of dividing). Ties send the gradient to every tied element (torch picks one);
+/// after a ReLU the only likely ties are zeros, whose gradient the ReLU stops anyway.
+pub fn max_pool_2x2(x: &Tensor) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    let (h2, w2) = (h / 2, w / 2);
+    let x = if h % 2 != 0 || w % 2 != 0 {
+        x.narrow(2, 0, 2 * h2)?.narrow(3, 0, 2 * w2)?
+    } else {
+        x.clone()
+    };
+    Ok(x.reshape((b, c, h2, 2, w2, 2))?.max(5)?.max(3)?)
+}
+
 fn bad(source: &str, reason: String) -> TrainError {
     TrainError::Checkpoint {
         path: source.into(),
         reason,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Var;
+
+    #[test]
+    fn max_pool_passes_the_whole_gradient_to_the_maximum() -> Result<()> {
+        let x = Var::from_tensor(&Tensor::new(
+            &[[[
+                [1f32, 5., 0., -1.],
+                [2., 3., 4., 7.],
+                [9., 1., 1., 1.],
+                [0., 0., 2., 8.],
+            ]]],
+            &Device::Cpu,
+        )?)?;
+        let y = max_pool_2x2(x.as_tensor())?;
+        assert_eq!(y.flatten_all()?.to_vec1::<f32>()?, vec![5., 7., 9., 8.]);
+        let g = y.sum_all()?.backward()?;
+        let gx = g.get(x.as_tensor()).map(|t| t.flatten_all()).transpose()?;
+        let gx = gx.map(|t| t.to_vec1::<f32>()).transpose()?;
+        let want = vec![
+            0f32, 1., 0., 0., 0., 0., 0., 1., 1., 0., 0., 0., 0., 0., 0., 1.,
+        ];
+        assert_eq!(gx, Some(want));
+        Ok(())
     }
 }
