@@ -56,6 +56,10 @@ pub struct ImageGenArgs {
     /// large images.
     #[arg(long, value_name = "PX")]
     tile_vae: Option<usize>,
+    /// A kohya/AUTOMATIC1111 LoRA (.safetensors) merged into the weights at load, with a weight (default 1).
+    /// Repeatable.
+    #[arg(long, value_name = "FILE[:WEIGHT]")]
+    pub lora: Vec<String>,
     #[arg(long, short, default_value = "ldm-output.png")]
     output: PathBuf,
 }
@@ -188,8 +192,10 @@ pub fn save(
 }
 
 pub fn run(args: Img2imgArgs) -> anyhow::Result<()> {
+    let loras = args.gen.lora.clone();
     let (model, config, req, output) = args.gen.request(0.75)?;
-    let opened = ldm_pipeline::open(&model, config.as_ref())?;
+    let mut opened = ldm_pipeline::open(&model, config.as_ref())?;
+    crate::lora::apply(&mut opened, &loras)?;
     let img = load_image(&args.init_image, "init-image")?;
     // Validate before the (slow) weight loading, so a bad request fails at once.
     let valid = req.validate(

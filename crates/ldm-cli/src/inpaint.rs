@@ -38,7 +38,8 @@ pub fn run(args: InpaintArgs) -> anyhow::Result<()> {
         Some(p) => Pad::parse(p)?,
         None => Pad::default(),
     };
-    let opened = ldm_pipeline::open(&model, config.as_ref())?;
+    let mut opened = ldm_pipeline::open(&model, config.as_ref())?;
+    crate::lora::apply(&mut opened, &args.gen.lora)?;
     let (req, output) = args.gen.request_for(1.0, opened.spec.takes_prompt())?;
     let image = load_image(&args.image, "image")?;
     let mask = match &args.mask {

@@ -11,6 +11,7 @@ mod conditioned;
 mod img2img;
 mod info;
 mod inpaint;
+mod lora;
 mod output;
 mod train;
 mod txt2img;
@@ -101,6 +102,10 @@ struct Txt2imgArgs {
     /// large images.
     #[arg(long, value_name = "PX")]
     tile_vae: Option<usize>,
+    /// A kohya/AUTOMATIC1111 LoRA (.safetensors) merged into the weights at load, with a weight (default 1).
+    /// Repeatable.
+    #[arg(long, value_name = "FILE[:WEIGHT]")]
+    lora: Vec<String>,
     #[arg(long, short, default_value = "ldm-output.png")]
     output: PathBuf,
 }
@@ -154,7 +159,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 noise: a.noise,
                 tile_vae: a.tile_vae,
             };
-            txt2img::run(&model, config_override(&a.config).as_ref(), &req, &a.output)
+            txt2img::run(
+                &model,
+                config_override(&a.config).as_ref(),
+                &a.lora,
+                &req,
+                &a.output,
+            )
         }
     }
 }

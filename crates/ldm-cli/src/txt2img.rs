@@ -9,10 +9,11 @@ use ldm_pipeline::{ConfigOverride, GenerateRequest, SdModels};
 pub fn run(
     model: &Path,
     config: Option<&ConfigOverride>,
+    loras: &[String],
     req: &GenerateRequest,
     output: &Path,
 ) -> anyhow::Result<()> {
-    let opened = ldm_pipeline::open(model, config)?;
+    let mut opened = ldm_pipeline::open(model, config)?;
     let random_seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64 & 0xFFFF_FFFF)
@@ -30,6 +31,7 @@ pub fn run(
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
+    crate::lora::apply(&mut opened, loras)?;
     let models = SdModels::build(opened, &Device::Cpu)?;
 
     let bar = ProgressBar::new(0).with_style(

@@ -189,6 +189,8 @@ struct Entry {
     /// e.g. diffusers' linear attention weights [C, C] standing for LDM's 1×1 convolutions [C, C, 1, 1].
     shape: Vec<usize>,
     dtype: DType,
+    /// A patch added on load, in f32 on the CPU (merged LoRAs: base + Σ delta, see [`WeightStore::add_delta`]).
+    delta: Option<Tensor>,
 }
 
 /// Canonical key → stored tensor.
@@ -235,6 +237,7 @@ impl WeightStore {
                 source,
                 shape,
                 dtype,
+                delta: None,
             },
         );
     }
@@ -249,6 +252,7 @@ impl WeightStore {
                 source: Source::Memory(tensor),
                 shape,
                 dtype,
+                delta: None,
             },
         );
     }
@@ -281,6 +285,29 @@ impl WeightStore {
             .filter_map(move |k| k.strip_prefix(prefix))
     }
 
+    /// Adds `delta` (any float dtype, the shape models see) to `key`: [`WeightStore::load`] then returns
+    /// `stored + Σ delta`, summed in f32 and cast to the requested dtype. Used to merge LoRAs at load.
+    pub fn add_delta(&mut self, key: &str, delta: &Tensor) -> Result<()> {
+        let entry = self.entries.get_mut(key).ok_or_else(|| {
+            Error::Candle(candle_core::Error::CannotFindTensor {
+                path: key.to_string(),
+            })
+        })?;
+        if delta.dims() != entry.shape.as_slice() {
+            return Err(Error::Candle(candle_core::Error::Msg(format!(
+                "patch for `{key}`: shape {:?}, the weight is {:?}",
+                delta.dims(),
+                entry.shape
+            ))));
+        }
+        let delta = delta.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
+        entry.delta = Some(match entry.delta.take() {
+            Some(d) => (d + delta)?,
+            None => delta,
+        });
+        Ok(())
+    }
+
     /// Loads `key` as `dtype` on `device`, in the shape models see.
     pub fn load(&self, key: &str, dtype: DType, device: &Device) -> Result<Tensor> {
         let entry = self.entries.get(key).ok_or_else(|| {
@@ -296,6 +323,10 @@ impl WeightStore {
             t.reshape(entry.shape.as_slice())?
         } else {
             t
+        };
+        let t = match &entry.delta {
+            Some(d) => (t.to_dtype(DType::F32)? + d)?,
+            None => t,
         };
         Ok(t.to_dtype(dtype)?.to_device(device)?)
     }

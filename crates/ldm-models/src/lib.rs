@@ -4,6 +4,7 @@ pub mod autoencoder;
 pub mod blocks;
 pub mod cond;
 pub mod import;
+pub mod lora;
 pub mod ops;
 pub mod original_config;
 pub mod text;

@@ -28,6 +28,9 @@ pub enum PipelineError {
     Config(Box<ldm_models::original_config::ConfigError>),
     #[error("{0}")]
     Model(String),
+    /// A LoRA file that cannot be applied (boxed: large and rare).
+    #[error(transparent)]
+    Lora(Box<ldm_models::lora::LoraError>),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }
@@ -41,6 +44,12 @@ impl From<ldm_core::weights::LoadReport> for PipelineError {
 impl From<ldm_models::original_config::ConfigError> for PipelineError {
     fn from(e: ldm_models::original_config::ConfigError) -> Self {
         PipelineError::Config(Box::new(e))
+    }
+}
+
+impl From<ldm_models::lora::LoraError> for PipelineError {
+    fn from(e: ldm_models::lora::LoraError) -> Self {
+        PipelineError::Lora(Box::new(e))
     }
 }
 

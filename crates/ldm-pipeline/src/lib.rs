@@ -8,6 +8,7 @@ pub mod init_image;
 pub mod inpaint;
 pub mod load;
 pub mod load_diffusers;
+pub mod lora;
 pub mod mask;
 pub mod models;
 pub mod request;

@@ -12,6 +12,7 @@ pub mod grid;
 pub mod init;
 pub mod ldm;
 pub mod log;
+pub mod lora;
 pub mod losses;
 pub mod lr;
 pub mod optim;
