@@ -66,8 +66,16 @@ fn reporter() -> (ProgressBar, impl FnMut(Event<'_>)) {
         .expect("invariant: the template is valid"),
     );
     let b = bar.clone();
+    // Without a terminal the bar is hidden and so is its println: messages then go to stderr as plain lines.
+    let say = move |b: &ProgressBar, m: String| {
+        if b.is_hidden() {
+            eprintln!("{m}");
+        } else {
+            b.println(m);
+        }
+    };
     let on_event = move |e: Event<'_>| match e {
-        Event::Message(m) => b.println(m),
+        Event::Message(m) => say(&b, m),
         Event::Start { from_step, total } => {
             b.set_length(total);
             b.set_position(from_step);
@@ -85,7 +93,7 @@ fn reporter() -> (ProgressBar, impl FnMut(Event<'_>)) {
                 "loss {loss:.4}  lr {lr:.2e}  {steps_per_s:.2} steps/s"
             ));
         }
-        Event::Saved(p) => b.println(format!("wrote {}", p.display())),
+        Event::Saved(p) => say(&b, format!("wrote {}", p.display())),
     };
     (bar, on_event)
 }

@@ -345,3 +345,149 @@ fn bad_recipes_get_one_clear_error() -> R {
     assert!(err.contains("empty") || err.contains("no images"), "{err}");
     Ok(())
 }
+
+/// Waits until the run has written a step checkpoint (or the process ended).
+fn wait_for_checkpoint(run: &Path, child: &mut std::process::Child) -> R<bool> {
+    let start = std::time::Instant::now();
+    while start.elapsed() < std::time::Duration::from_secs(300) {
+        if child.try_wait()?.is_some() {
+            return Ok(false);
+        }
+        let found = std::fs::read_dir(run.join("checkpoints"))
+            .map(|d| {
+                d.flatten().any(|e| {
+                    let n = e.file_name().to_string_lossy().into_owned();
+                    n.starts_with("step-") && n.ends_with(".safetensors")
+                })
+            })
+            .unwrap_or(false);
+        if found {
+            return Ok(true);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    Ok(false)
+}
+
+#[test]
+fn sigkill_leaves_loadable_checkpoints_and_ctrl_c_saves_and_stops() -> R {
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    write_data(&data)?;
+    let ae_run = dir.path().join("ae");
+    let ae_toml = ae_recipe(dir.path(), &data)?;
+    ok(&ldm(&[
+        "train-autoencoder",
+        "--config",
+        &ae_toml,
+        "--out",
+        &ae_run.display().to_string(),
+    ]));
+    let toml = ldm_recipe(
+        dir.path(),
+        &data,
+        &ae_run.join("model.safetensors"),
+        100_000,
+    )?;
+
+    // SIGKILL in the middle of training (and of checkpoint writes: one every 2 steps).
+    let run = dir.path().join("killed");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ldm"))
+        .args([
+            "train",
+            "--config",
+            &toml,
+            "--out",
+            &run.display().to_string(),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    assert!(
+        wait_for_checkpoint(&run, &mut child)?,
+        "no checkpoint appeared"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    child.kill()?; // SIGKILL
+    child.wait()?;
+    let mut steps = Vec::new();
+    for e in std::fs::read_dir(run.join("checkpoints"))? {
+        let p = e?.path();
+        let name = p
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if name.ends_with(".safetensors") {
+            let ck = ldm_train::checkpoint::TrainCheckpoint::load(&p, &candle_core::Device::Cpu)
+                .map_err(|e| format!("{name} does not load after SIGKILL: {e}"))?;
+            steps.push(ck.step);
+        }
+    }
+    let last = *steps.iter().max().ok_or("no checkpoint files")?;
+    // Resuming loses at most the steps since the last checkpoint.
+    let stop = (last + 2).to_string();
+    let out = ldm(&[
+        "train",
+        "--config",
+        &toml,
+        "--out",
+        &run.display().to_string(),
+        "--resume",
+        "--stop-at",
+        &stop,
+    ]);
+    ok(&out);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("at step {last}")),
+        "resumed from the last checkpoint: {err}"
+    );
+
+    // Ctrl-C (SIGINT): the step finishes, a checkpoint is written, exit code 0.
+    let run = dir.path().join("interrupted");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ldm"))
+        .args([
+            "train",
+            "--config",
+            &toml,
+            "--out",
+            &run.display().to_string(),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    assert!(
+        wait_for_checkpoint(&run, &mut child)?,
+        "no checkpoint appeared"
+    );
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()?;
+    assert!(status.success());
+    let out = child.wait_with_output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("stopped at step"), "{err}");
+    let ck = ldm_train::checkpoint::TrainCheckpoint::load(
+        &run.join("checkpoints/last.safetensors"),
+        &candle_core::Device::Cpu,
+    )?;
+    let logged = std::fs::read_to_string(run.join("train.jsonl"))?;
+    let last_train = logged
+        .lines()
+        .filter(|l| l.contains("\"kind\":\"train\""))
+        .filter_map(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()?
+                .get("step")?
+                .as_u64()
+        })
+        .max();
+    assert_eq!(
+        last_train,
+        Some(ck.step),
+        "the checkpoint holds the last completed step"
+    );
+    assert!(logged.contains("interrupted"));
+    Ok(())
+}
