@@ -50,6 +50,7 @@ fn write_data(dir: &Path) -> R {
                     }
                 }
             }
+            std::fs::write(d.join(format!("{i}.txt")), format!("a {class} square"))?;
             let f = std::fs::File::create(d.join(format!("{i}.png")))?;
             let mut enc = png::Encoder::new(f, 16, 16);
             enc.set_color(png::ColorType::Rgb);
@@ -95,8 +96,12 @@ disc_layers = 2
 }
 
 fn ldm_recipe(dir: &Path, data: &Path, ae: &Path, steps: u64) -> R<String> {
+    recipe_for(dir, "ldm-class.yaml", data, ae, steps)
+}
+
+fn recipe_for(dir: &Path, yaml: &str, data: &Path, ae: &Path, steps: u64) -> R<String> {
     write(
-        &dir.join("ldm.toml"),
+        &dir.join(format!("{yaml}.toml")),
         &format!(
             r#"model = "{yaml}"
 first_stage = "{ae}"
@@ -119,8 +124,9 @@ seed = 7
 steps = 4
 count = 4
 cfg_scale = 2.0
+prompts = ["a red square", "a blue square"]
 "#,
-            yaml = recipes().join("ldm-class.yaml").display(),
+            yaml = recipes().join(yaml).display(),
             ae = ae.display(),
             data = data.display()
         ),
@@ -489,5 +495,97 @@ fn sigkill_leaves_loadable_checkpoints_and_ctrl_c_saves_and_stops() -> R {
         "the checkpoint holds the last completed step"
     );
     assert!(logged.contains("interrupted"));
+    Ok(())
+}
+
+#[test]
+fn a_text_to_image_model_trains_its_own_text_encoder_and_samples_from_prompts() -> R {
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    write_data(&data)?;
+    let ae_run = dir.path().join("ae");
+    let ae_toml = ae_recipe(dir.path(), &data)?;
+    ok(&ldm(&[
+        "train-autoencoder",
+        "--config",
+        &ae_toml,
+        "--out",
+        &ae_run.display().to_string(),
+    ]));
+    let toml = recipe_for(
+        dir.path(),
+        "ldm-text.yaml",
+        &data,
+        &ae_run.join("model.safetensors"),
+        3,
+    )?;
+    let run = dir.path().join("text");
+    let r = run.display().to_string();
+    ok(&ldm(&[
+        "train",
+        "--config",
+        &toml,
+        "--out",
+        &r,
+        "--stop-at",
+        "1",
+    ]));
+    let text_weights = |run: &Path| -> R<Vec<(String, Vec<u8>)>> {
+        Ok(checkpoint_weights(run)?
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("model.cond_stage_model.transformer."))
+            .collect())
+    };
+    let after_one = text_weights(&run)?;
+    ok(&ldm(&["train", "--config", &toml, "--out", &r, "--resume"]));
+    assert!(run.join("samples.png").is_file());
+    // The text encoder is trained jointly: its weights move between steps 1 and 3.
+    let after_three = text_weights(&run)?;
+    assert!(!after_one.is_empty() && after_one.len() == after_three.len());
+    assert!(after_one.iter().zip(&after_three).any(|(a, b)| a.1 != b.1));
+    let model = run.join("model.safetensors").display().to_string();
+    let img = dir.path().join("t.png").display().to_string();
+    let args = [
+        "txt2img",
+        "--model",
+        &model,
+        "a red square",
+        "--steps",
+        "3",
+        "--cfg-scale",
+        "2",
+        "--seed",
+        "1",
+    ];
+    ok(&ldm(&[
+        &args[..],
+        &[
+            "--width",
+            "16",
+            "--height",
+            "16",
+            "--sampler",
+            "ddim",
+            "-o",
+            &img,
+        ],
+    ]
+    .concat()));
+    let first = std::fs::read(&img)?;
+    ok(&ldm(&[
+        &args[..],
+        &[
+            "--width",
+            "16",
+            "--height",
+            "16",
+            "--sampler",
+            "ddim",
+            "-o",
+            &img,
+        ],
+    ]
+    .concat()));
+    assert_eq!(first, std::fs::read(&img)?, "same seed, same image");
     Ok(())
 }
