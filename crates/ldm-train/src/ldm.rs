@@ -23,10 +23,10 @@ use candle_nn::VarMap;
 use ldm_core::rng::{NoiseRng, TorchRng};
 use ldm_core::weights::WeightStore;
 use ldm_models::autoencoder::{Encoded, FirstStage};
-use ldm_models::original_config::{OriginalConfig, OriginalFile};
-use ldm_pipeline::load::builtin_tokenizer;
 use ldm_models::lora::LoraTargets;
+use ldm_models::original_config::{OriginalConfig, OriginalFile};
 use ldm_models::unet::Unet;
+use ldm_pipeline::load::builtin_tokenizer;
 use ldm_pipeline::spec::{ConcatSpec, CondSpec, FirstStageSpec, ModelSpec, TextSpec};
 use ldm_pipeline::SdModels;
 use ldm_sampling::schedule::Schedule;
@@ -133,7 +133,13 @@ struct LoraTrain {
 }
 
 impl LoraTrain {
-    fn new(r: &LoraRecipe, store: &WeightStore, spec: &ModelSpec, seed: u64, device: &Device) -> Result<Self> {
+    fn new(
+        r: &LoraRecipe,
+        store: &WeightStore,
+        spec: &ModelSpec,
+        seed: u64,
+        device: &Device,
+    ) -> Result<Self> {
         let targets = LoraTargets::for_model(store, Some(&spec.unet), None);
         let keys = match r.targets {
             LoraTargetSet::Attention => LoraSet::default_keys(store),
@@ -141,7 +147,10 @@ impl LoraTrain {
         if keys.is_empty() {
             return Err(TrainError::invalid(
                 "lora.targets",
-                format!("{}: the UNet has no attention projections to adapt", store.origin()),
+                format!(
+                    "{}: the UNet has no attention projections to adapt",
+                    store.origin()
+                ),
             ));
         }
         let cfg = LoraConfig {
@@ -150,7 +159,13 @@ impl LoraTrain {
             seed,
         };
         let set = LoraSet::new(store, &targets, &keys, &cfg, device)?;
-        let backend = LoraBackend::new(store, ldm_models::import::UNET_PREFIX, &set, DType::F32, device)?;
+        let backend = LoraBackend::new(
+            store,
+            ldm_models::import::UNET_PREFIX,
+            &set,
+            DType::F32,
+            device,
+        )?;
         let save_dtype = match r.save_dtype {
             LoraDtype::F16 => DType::F16,
             LoraDtype::Bf16 => DType::BF16,
@@ -166,7 +181,9 @@ impl LoraTrain {
     /// The UNet with the adapters' current values (a graph of the LoRA `Var`s).
     fn unet(&self, spec: &ModelSpec) -> Result<Unet> {
         Unet::new(
-            self.backend.var_builder().pp(ldm_pipeline::spec::UNET_PREFIX),
+            self.backend
+                .var_builder()
+                .pp(ldm_pipeline::spec::UNET_PREFIX),
             &spec.unet,
         )
         .map_err(model_err)
@@ -744,7 +761,8 @@ fn export_and_sample(
             let path = dir.join("lora.safetensors");
             export_lora(l, ema, &path, init)?;
             let loras = [(path.clone(), 1.0)];
-            let g = crate::grid::sample_grid(init, Some(&recipe.model), &loras, recipe, grid, seed)?;
+            let g =
+                crate::grid::sample_grid(init, Some(&recipe.model), &loras, recipe, grid, seed)?;
             Ok((path, g))
         }
         _ => {
