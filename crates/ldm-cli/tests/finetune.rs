@@ -333,3 +333,15 @@ fn a_lora_recipe_without_init_is_one_clear_error() -> R {
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     Ok(())
 }
+
+/// The example recipes in recipes/finetune/ are valid (their paths are placeholders and are not opened here).
+#[test]
+fn the_example_fine_tuning_recipes_parse() -> R {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../recipes/finetune");
+    let full = ldm_train::recipe::LdmRecipe::load(&dir.join("sd15-full.toml"))?;
+    assert!(full.init.is_some() && full.lora.is_none());
+    let lora = ldm_train::recipe::LdmRecipe::load(&dir.join("sd15-lora.toml"))?;
+    let l = lora.lora.ok_or("no [lora] section")?;
+    assert_eq!((l.rank, l.alpha), (8, 4.0));
+    Ok(())
+}
