@@ -50,11 +50,21 @@ pub fn save_grid(images: &Tensor, cols: usize, path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Loads the exported model at `model` (its YAML beside it) through the inference loader and writes a grid of
+/// Loads the model at `model` through the inference loader (with the YAML `config`, or the one beside it),
+/// merges `loras` (kohya files with their weights, as `--lora FILE:WEIGHT` does) and writes a grid of
 /// `recipe.sample.count` samples to `out`: one row per class for class-conditional models (classes cycled),
 /// the recipe's prompts for text models, plain samples otherwise. Returns `out`.
-pub fn sample_grid(model: &Path, recipe: &LdmRecipe, out: &Path, seed: u64) -> Result<PathBuf> {
-    let opened = ldm_pipeline::open(model, None).map_err(pipe_err)?;
+pub fn sample_grid(
+    model: &Path,
+    config: Option<&Path>,
+    loras: &[(PathBuf, f64)],
+    recipe: &LdmRecipe,
+    out: &Path,
+    seed: u64,
+) -> Result<PathBuf> {
+    let config = config.map(|p| ldm_pipeline::load::ConfigOverride::Yaml(p.to_path_buf()));
+    let mut opened = ldm_pipeline::open(model, config.as_ref()).map_err(pipe_err)?;
+    ldm_pipeline::lora::apply_loras(&mut opened, loras).map_err(pipe_err)?;
     let models = SdModels::build(opened, &Device::Cpu).map_err(pipe_err)?;
     let s = &recipe.sample;
     let size = recipe.data.size;

@@ -7,6 +7,11 @@
 //! frozen. A run folder holds `train.jsonl`, `checkpoints/` (atomic, resumable bit for bit), `samples/`, and at
 //! the end `model.safetensors` + `model.yaml` (the original single-file layout, loadable by every inference
 //! command) and `loss.png`.
+//!
+//! Fine-tuning: `init` names an existing checkpoint (e.g. a Stable Diffusion single file) whose weights replace
+//! the random initialisation. With a `[lora]` section only low-rank adapters of the UNet's attention
+//! projections are trained ([`crate::lora`]: the UNet of every step is rebuilt from W0 + (α/r)·U·D); checkpoints
+//! hold the adapters, and the export is `lora.safetensors` in the kohya/AUTOMATIC1111 format instead of a model.
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,7 +23,9 @@ use candle_nn::VarMap;
 use ldm_core::rng::{NoiseRng, TorchRng};
 use ldm_core::weights::WeightStore;
 use ldm_models::autoencoder::{Encoded, FirstStage};
+use ldm_models::lora::LoraTargets;
 use ldm_models::original_config::{OriginalConfig, OriginalFile};
+use ldm_models::unet::Unet;
 use ldm_pipeline::load::builtin_tokenizer;
 use ldm_pipeline::spec::{ConcatSpec, CondSpec, FirstStageSpec, ModelSpec, TextSpec};
 use ldm_pipeline::SdModels;
@@ -36,9 +43,10 @@ use crate::error::{Result, TrainError};
 use crate::grad::{clip_grad_norm, GradAccumulator};
 use crate::init::SeededVarMap;
 use crate::log::JsonlLog;
+use crate::lora::{save_kohya, LoraBackend, LoraConfig, LoraSet};
 use crate::lr::LrSchedule;
 use crate::optim::{AdamW, AdamWConfig};
-use crate::recipe::{LdmRecipe, LrDecay, TrainSettings};
+use crate::recipe::{LdmRecipe, LoraDtype, LoraRecipe, LoraTargetSet, LrDecay, TrainSettings};
 use crate::run::{Event, RunOptions, Summary};
 use crate::setup::{load_into, open_dataset, open_store, vars_under};
 
@@ -117,8 +125,89 @@ fn trainable_prefixes(spec: &ModelSpec) -> Vec<&'static str> {
     p
 }
 
+/// LoRA fine-tuning state: the trainable pairs and the frozen UNet weights they patch.
+struct LoraTrain {
+    set: LoraSet,
+    backend: LoraBackend,
+    save_dtype: DType,
+}
+
+impl LoraTrain {
+    fn new(
+        r: &LoraRecipe,
+        store: &WeightStore,
+        spec: &ModelSpec,
+        seed: u64,
+        device: &Device,
+    ) -> Result<Self> {
+        let targets = LoraTargets::for_model(store, Some(&spec.unet), None);
+        let keys = match r.targets {
+            LoraTargetSet::Attention => LoraSet::default_keys(store),
+        };
+        if keys.is_empty() {
+            return Err(TrainError::invalid(
+                "lora.targets",
+                format!(
+                    "{}: the UNet has no attention projections to adapt",
+                    store.origin()
+                ),
+            ));
+        }
+        let cfg = LoraConfig {
+            rank: r.rank,
+            alpha: r.alpha,
+            seed,
+        };
+        let set = LoraSet::new(store, &targets, &keys, &cfg, device)?;
+        let backend = LoraBackend::new(
+            store,
+            ldm_models::import::UNET_PREFIX,
+            &set,
+            DType::F32,
+            device,
+        )?;
+        let save_dtype = match r.save_dtype {
+            LoraDtype::F16 => DType::F16,
+            LoraDtype::Bf16 => DType::BF16,
+            LoraDtype::F32 => DType::F32,
+        };
+        Ok(Self {
+            set,
+            backend,
+            save_dtype,
+        })
+    }
+
+    /// The UNet with the adapters' current values (a graph of the LoRA `Var`s).
+    fn unet(&self, spec: &ModelSpec) -> Result<Unet> {
+        Unet::new(
+            self.backend
+                .var_builder()
+                .pp(ldm_pipeline::spec::UNET_PREFIX),
+            &spec.unet,
+        )
+        .map_err(model_err)
+    }
+
+    /// The pairs as named variables (kohya key names), for the optimiser, EMA and checkpoints.
+    fn named_vars(&self) -> Vec<(String, Var)> {
+        self.set
+            .layers()
+            .iter()
+            .flat_map(|l| {
+                [
+                    (format!("{}.lora_down.weight", l.name), l.down.clone()),
+                    (format!("{}.lora_up.weight", l.name), l.up.clone()),
+                ]
+            })
+            .collect()
+    }
+}
+
 /// Everything a run needs, built from a recipe.
 struct Setup {
+    /// Set for LoRA fine-tuning: `trainable` then holds the adapters and `models.unet` is unused.
+    lora: Option<LoraTrain>,
     spec: ModelSpec,
     models: SdModels,
     trainable: Vec<(String, Var)>,
@@ -160,7 +249,11 @@ fn build(recipe: &LdmRecipe, device: &Device) -> Result<Setup> {
     let vb = SeededVarMap::new(varmap.clone(), recipe.train.seed).var_builder(DType::F32, device);
     let tokenizer = builtin_tokenizer(&spec).map_err(model_err)?;
     let models = SdModels::build_with(spec.clone(), tokenizer, vb, device).map_err(model_err)?;
-    let prefixes = trainable_prefixes(&spec);
+    let prefixes = if recipe.lora.is_some() {
+        vec!["model.diffusion_model."]
+    } else {
+        trainable_prefixes(&spec)
+    };
     let all = vars_under(&varmap, &[""]);
     let (trainable, frozen): (Vec<_>, Vec<_>) = all
         .into_iter()
@@ -194,15 +287,34 @@ fn build(recipe: &LdmRecipe, device: &Device) -> Result<Setup> {
         })?;
         load_into(&other_frozen, store, true, "frozen text encoder")?;
     }
-    if let Some(store) = &init_store {
-        load_into(&trainable, store, true, "trained model")?;
-    }
+    let mut models = models;
+    let (trainable, lora) = match (&recipe.lora, &init_store) {
+        (Some(r), Some(store)) => {
+            // The UNet's weights live (once) in the LoRA backend; the VarMap copy is dropped with `trainable`.
+            let l = LoraTrain::new(r, store, &spec, recipe.train.seed, device)?;
+            models.unet = l.unet(&spec)?;
+            (l.named_vars(), Some(l))
+        }
+        (Some(_), None) => {
+            return Err(TrainError::invalid(
+                "lora",
+                "LoRA fine-tuning adapts an existing model: name it with `init = ...`",
+            ))
+        }
+        (None, store) => {
+            if let Some(store) = store {
+                load_into(&trainable, store, true, "trained model")?;
+            }
+            (trainable, None)
+        }
+    };
     let schedule = Schedule::from_config(&spec.scheduler, SamplerKind::Ddim).map_err(model_err)?;
     let prediction = match spec.prediction() {
         PredictionType::Epsilon => Prediction::Epsilon,
         PredictionType::VPrediction => Prediction::V,
     };
     Ok(Setup {
+        lora,
         objective: DiffusionObjective::new(schedule, prediction),
         scale_by_std: cfg.scale_by_std,
         spec,
@@ -483,6 +595,8 @@ pub fn train_ldm(
             break;
         }
         let mut loss_sum = 0.0;
+        let lora_unet = s.lora.as_ref().map(|l| l.unet(&s.spec)).transpose()?;
+        let unet = lora_unet.as_ref().unwrap_or(&s.models.unet);
         for _ in 0..t.grad_accum {
             let (moments, labels, captions) = match &cache {
                 Some(c) => {
@@ -501,7 +615,7 @@ pub fn train_ldm(
             let z0 = sample_latent(&s.spec, &moments, latent_scale, &mut rng)?;
             let ctx = context(&s, &labels, &captions, t.cond_drop, &mut rng)?;
             let (loss, _) = s.objective.training_loss(&z0, &mut rng, |zt, tt| {
-                s.models.unet.forward_with(zt, tt, ctx.as_ref(), None)
+                unet.forward_with(zt, tt, ctx.as_ref(), None)
             })?;
             loss_sum += loss.to_scalar::<f32>()? as f64;
             let grads = (loss / t.grad_accum as f64)?.backward()?;
@@ -547,19 +661,15 @@ pub fn train_ldm(
             on_event(Event::Saved(&p));
         }
         if t.sample_every > 0 && step % t.sample_every == 0 && step < total {
-            let model = export(
+            let grid = export_and_sample(
                 &s,
                 ema.as_mut(),
-                &opts.out.join("samples").join("model.safetensors"),
+                &opts.out.join("samples"),
                 recipe,
                 latent_scale,
-            )?;
-            let grid = crate::grid::sample_grid(
-                &model,
-                recipe,
                 &opts.out.join("samples").join(format!("step-{step:06}.png")),
-                t.seed,
-            )?;
+            )?
+            .1;
             on_event(Event::Saved(&grid));
         }
     }
@@ -587,17 +697,17 @@ pub fn train_ldm(
     if interrupted || step < t.steps {
         return Ok(summary);
     }
-    let exported = export(
-        &s,
-        ema.as_mut(),
-        &opts.out.join("model.safetensors"),
-        recipe,
-        latent_scale,
-    )?;
-    on_event(Event::Saved(&exported));
     let curve = opts.out.join("loss.png");
     crate::plot::write_png(&curve, &crate::log::read_series(log.path(), "train")?)?;
-    let grid = crate::grid::sample_grid(&exported, recipe, &opts.out.join("samples.png"), t.seed)?;
+    let (exported, grid) = export_and_sample(
+        &s,
+        ema.as_mut(),
+        &opts.out,
+        recipe,
+        latent_scale,
+        &opts.out.join("samples.png"),
+    )?;
+    on_event(Event::Saved(&exported));
     on_event(Event::Saved(&grid));
     summary.exported = Some(exported);
     summary.samples = Some(grid);
@@ -633,6 +743,61 @@ fn check_data(s: &Setup, ds: &impl Dataset) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// Exports into `dir` (`model.safetensors` + `model.yaml`, or `lora.safetensors` for a LoRA run) and samples a
+/// grid from it into `grid` (a LoRA run: the `init` model with the LoRA merged at weight 1). Returns both paths.
+fn export_and_sample(
+    s: &Setup,
+    ema: Option<&mut Ema>,
+    dir: &Path,
+    recipe: &LdmRecipe,
+    latent_scale: f64,
+    grid: &Path,
+) -> Result<(PathBuf, PathBuf)> {
+    let seed = recipe.train.seed;
+    match (&s.lora, &recipe.init) {
+        (Some(l), Some(init)) => {
+            let path = dir.join("lora.safetensors");
+            export_lora(l, ema, &path, init)?;
+            let loras = [(path.clone(), 1.0)];
+            let g =
+                crate::grid::sample_grid(init, Some(&recipe.model), &loras, recipe, grid, seed)?;
+            Ok((path, g))
+        }
+        _ => {
+            let path = export(s, ema, &dir.join("model.safetensors"), recipe, latent_scale)?;
+            let g = crate::grid::sample_grid(&path, None, &[], recipe, grid, seed)?;
+            Ok((path, g))
+        }
+    }
+}
+
+/// Writes the adapters (EMA values when kept) as a kohya LoRA file.
+fn export_lora(l: &LoraTrain, ema: Option<&mut Ema>, path: &Path, init: &Path) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| TrainError::io(dir, e))?;
+    }
+    let base = init
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let meta = std::collections::HashMap::from([
+        ("ss_sd_model_name".to_string(), base),
+        ("ldm_rs_trainer".to_string(), "ldm train".to_string()),
+    ]);
+    let swapped = match ema {
+        Some(e) => {
+            e.swap()?;
+            Some(e)
+        }
+        None => None,
+    };
+    let saved = save_kohya(path, &l.set, &meta, l.save_dtype);
+    if let Some(e) = swapped {
+        e.swap()?;
+    }
+    saved
 }
 
 /// Writes the model in the original single-file layout (EMA weights when kept, as the LDM's `model_ema`

@@ -291,7 +291,7 @@ impl candle_nn::var_builder::SimpleBackend for LoraBackend {
 
 /// Writes `set` as a kohya LoRA (`<name>.lora_down.weight`, `<name>.lora_up.weight` in `dtype` (F16 or F32),
 /// `<name>.alpha` f32 scalar) with kohya's `ss_network_module`/`ss_network_dim`/`ss_network_alpha` metadata
-/// plus `metadata`. The file is written beside `path` and renamed into place.
+/// plus `metadata`, atomically and deterministically (tensors and metadata in key order).
 pub fn save_kohya(
     path: &Path,
     set: &LoraSet,
@@ -323,77 +323,9 @@ pub fn save_kohya(
         ("ss_network_alpha".to_string(), format!("{}", set.alpha)),
     ]);
     meta.extend(metadata.iter().map(|(k, v)| (k.clone(), v.clone())));
-    let raw: Vec<(String, Raw)> = tensors
-        .iter()
-        .map(|(k, t)| Ok((k.clone(), Raw::new(t)?)))
-        .collect::<Result<_>>()?;
-    let tmp = path.with_extension("safetensors.tmp");
-    safetensors::serialize_to_file(raw.iter().map(|(k, t)| (k.as_str(), t)), Some(meta), &tmp)
-        .map_err(|e| TrainError::Checkpoint {
-            path: tmp.clone(),
-            reason: e.to_string(),
-        })?;
-    std::fs::rename(&tmp, path).map_err(|e| TrainError::io(path, e))
-}
-
-/// A CPU tensor's little-endian bytes for the safetensors writer.
-struct Raw {
-    dtype: safetensors::Dtype,
-    shape: Vec<usize>,
-    data: Vec<u8>,
-}
-
-impl Raw {
-    fn new(t: &Tensor) -> Result<Self> {
-        let flat = t.flatten_all()?;
-        let (dtype, data) = match t.dtype() {
-            DType::F32 => (
-                safetensors::Dtype::F32,
-                flat.to_vec1::<f32>()?
-                    .iter()
-                    .flat_map(|x| x.to_le_bytes())
-                    .collect(),
-            ),
-            DType::F16 => (
-                safetensors::Dtype::F16,
-                flat.to_vec1::<half::f16>()?
-                    .iter()
-                    .flat_map(|x| x.to_le_bytes())
-                    .collect(),
-            ),
-            DType::BF16 => (
-                safetensors::Dtype::BF16,
-                flat.to_vec1::<half::bf16>()?
-                    .iter()
-                    .flat_map(|x| x.to_le_bytes())
-                    .collect(),
-            ),
-            other => {
-                return Err(TrainError::invalid(
-                    "lora dtype",
-                    format!("{other:?} cannot be written"),
-                ))
-            }
-        };
-        Ok(Self {
-            dtype,
-            shape: t.dims().to_vec(),
-            data,
-        })
-    }
-}
-
-impl safetensors::View for &Raw {
-    fn dtype(&self) -> safetensors::Dtype {
-        self.dtype
-    }
-    fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
-        std::borrow::Cow::Borrowed(&self.data)
-    }
-    fn data_len(&self) -> usize {
-        self.data.len()
-    }
+    // A sorted map and our own writer: the same adapters give the same bytes (the safetensors crate writes a
+    // HashMap's metadata in a per-process order), and the file is written atomically.
+    let meta: std::collections::BTreeMap<String, String> = meta.into_iter().collect();
+    let refs: Vec<(String, &Tensor)> = tensors.iter().map(|(k, t)| (k.clone(), t)).collect();
+    crate::checkpoint::save_safetensors(path, &refs, &meta)
 }

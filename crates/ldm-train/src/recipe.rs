@@ -177,6 +177,66 @@ impl Default for SampleSettings {
     }
 }
 
+/// Which weights a LoRA adapts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LoraTargetSet {
+    /// The `to_q`/`to_k`/`to_v`/`to_out.0` projections of every self- and cross-attention of the UNet's
+    /// transformer blocks (kohya's and the LoRA paper's choice for SD).
+    #[default]
+    Attention,
+}
+
+/// Storage type of the saved LoRA file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LoraDtype {
+    /// kohya's usual `--save_precision fp16`.
+    #[default]
+    F16,
+    Bf16,
+    F32,
+}
+
+/// `[lora]`: train low-rank adapters on a frozen `init` model instead of the whole UNet; the result is a
+/// kohya/AUTOMATIC1111 LoRA file (`lora.safetensors`) for `--lora FILE[:WEIGHT]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraRecipe {
+    /// r (kohya's `network_dim`).
+    #[serde(default = "default_lora_rank")]
+    pub rank: usize,
+    /// α (kohya's `network_alpha`): the change is scaled by α / r.
+    #[serde(default = "one_f")]
+    pub alpha: f64,
+    #[serde(default)]
+    pub targets: LoraTargetSet,
+    #[serde(default)]
+    pub save_dtype: LoraDtype,
+}
+
+fn default_lora_rank() -> usize {
+    4
+}
+
+impl LoraRecipe {
+    pub fn validate(&self) -> Result<()> {
+        if self.rank == 0 || self.rank > 1024 {
+            return Err(TrainError::invalid(
+                "lora.rank",
+                format!("{} (must be 1..=1024)", self.rank),
+            ));
+        }
+        if !(self.alpha.is_finite() && self.alpha > 0.0) {
+            return Err(TrainError::invalid(
+                "lora.alpha",
+                format!("{} (must be positive)", self.alpha),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// `ldm train`: a latent diffusion model on a trained first stage.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -191,6 +251,8 @@ pub struct LdmRecipe {
     pub train: TrainSettings,
     #[serde(default)]
     pub sample: SampleSettings,
+    /// Fine-tune LoRA adapters of `init` instead of the whole UNet.
+    pub lora: Option<LoraRecipe>,
 }
 
 /// Loss settings of autoencoder training (LDM's `LPIPSWithDiscriminator` / `VQLPIPSWithDiscriminator`).
@@ -396,6 +458,15 @@ impl LdmRecipe {
                 "steps and count must be at least 1",
             ));
         }
+        if let Some(l) = &r.lora {
+            l.validate()?;
+            if r.init.is_none() {
+                return Err(TrainError::invalid(
+                    "lora",
+                    "LoRA fine-tuning adapts an existing model: name it with `init = \"model.safetensors\"`",
+                ));
+            }
+        }
         Ok(r)
     }
 }
@@ -473,6 +544,15 @@ cond_drop = 0.1
             (OK.replace("mnist = \"data\"", ""), "exactly one source"),
             (
                 OK.replace("lr = 1e-4", "lr = 1e-4\nlearning_rate = 1"),
+                "unknown field",
+            ),
+            (format!("{OK}[lora]\nrank = 4\n"), "init = "),
+            (
+                format!("init = \"i.safetensors\"\n{OK}[lora]\nrank = 0\n"),
+                "lora.rank",
+            ),
+            (
+                format!("init = \"i.safetensors\"\n{OK}[lora]\nrank = 4\nranks = 2\n"),
                 "unknown field",
             ),
         ] {
