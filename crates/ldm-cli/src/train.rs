@@ -108,7 +108,12 @@ fn report(s: &Summary) {
         return;
     }
     if let Some(m) = &s.exported {
-        println!("model: {}", m.display());
+        let is_lora = m.file_name().is_some_and(|n| n == "lora.safetensors");
+        println!(
+            "{}: {}",
+            if is_lora { "lora" } else { "model" },
+            m.display()
+        );
     }
     for p in [&s.samples, &s.loss_curve].into_iter().flatten() {
         println!("wrote {}", p.display());
