@@ -2,71 +2,28 @@
 //! `ldm train`: the full UNet (the first stage and the text encoder stay byte for byte what they were), and LoRA
 //! adapters on the attention projections saved as a kohya file that `ldm txt2img --lora FILE:WEIGHT` applies.
 //! A LoRA run stopped part-way and resumed writes the same file as a straight run, bit for bit.
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use candle_core::{DType, Device};
-
-type R<T = ()> = Result<T, Box<dyn std::error::Error>>;
-
-fn fixture(p: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures")
-        .join(p)
-}
-
-fn ldm(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ldm"))
-        .args(args)
-        .output()
-        .expect("the ldm binary runs")
-}
-
-fn ok(out: &Output) {
-    assert!(
-        out.status.success(),
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
+use common::{fixture, ldm, ok, write_squares, R};
 
 /// Four 16² RGB images (sd1-tiny's VAE has f = 2 and its UNet one down-sampling: sizes in multiples of 4), each
 /// with a same-stem caption.
 fn write_data(dir: &Path) -> R {
-    std::fs::create_dir_all(dir)?;
-    let mut state = 777u32;
-    let mut next = || {
-        state = state.wrapping_mul(1_103_515_245).wrapping_add(12345);
-        (state >> 16) as u8
-    };
     let captions = [
         "a red square",
         "a blue square",
         "a green square",
         "a red circle",
     ];
-    for (i, caption) in captions.iter().enumerate() {
-        let channel = i % 3;
-        let mut px = vec![0u8; 16 * 16 * 3];
-        for y in 0..16 {
-            for x in 0..16 {
-                let inside = (4..12).contains(&x) && (4..12).contains(&y);
-                for c in 0..3 {
-                    let base = if inside && c == channel { 220 } else { 40 };
-                    px[(y * 16 + x) * 3 + c] = base / 2 + next() / 4;
-                }
-            }
-        }
-        let f = std::fs::File::create(dir.join(format!("{i}.png")))?;
-        let mut enc = png::Encoder::new(f, 16, 16);
-        enc.set_color(png::ColorType::Rgb);
-        enc.set_depth(png::BitDepth::Eight);
-        enc.write_header()?.write_image_data(&px)?;
-        std::fs::write(dir.join(format!("{i}.txt")), caption)?;
-    }
-    Ok(())
+    let items: Vec<(String, String, usize)> = captions
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (i.to_string(), c.to_string(), i % 3))
+        .collect();
+    write_squares(dir, &items, 777)
 }
 
 /// A fine-tuning recipe for sd1-tiny (`extra` is appended: a `[lora]` section), with or without `init`.

@@ -3,62 +3,26 @@
 //! model; the exported LDM (original single-file layout + YAML) samples through the inference command; a run
 //! stopped part-way and resumed ends with the same weights as a straight run; a run killed with SIGKILL leaves
 //! only loadable checkpoints and resumes; bad recipes get one clear error line.
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-type R<T = ()> = Result<T, Box<dyn std::error::Error>>;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{ldm, ok, write_squares, R};
 
 fn recipes() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../recipes/tiny")
 }
 
-fn ldm(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ldm"))
-        .args(args)
-        .output()
-        .expect("the ldm binary runs")
-}
-
-fn ok(out: &Output) {
-    assert!(
-        out.status.success(),
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// 16² RGB images in two class folders: reddish and bluish squares on noise.
 fn write_data(dir: &Path) -> R {
-    let mut state = 12345u32;
-    let mut next = || {
-        state = state.wrapping_mul(1_103_515_245).wrapping_add(12345);
-        (state >> 16) as u8
-    };
-    for (class, channel) in [("blue", 2usize), ("red", 0usize)] {
-        let d = dir.join(class);
-        std::fs::create_dir_all(&d)?;
-        for i in 0..8 {
-            let mut px = vec![0u8; 16 * 16 * 3];
-            for y in 0..16 {
-                for x in 0..16 {
-                    let inside = (4..12).contains(&x) && (4..12).contains(&y);
-                    for c in 0..3 {
-                        let base = if inside && c == channel { 220 } else { 40 };
-                        px[(y * 16 + x) * 3 + c] = base / 2 + next() / 4 + (i as u8) * 2;
-                    }
-                }
-            }
-            std::fs::write(d.join(format!("{i}.txt")), format!("a {class} square"))?;
-            let f = std::fs::File::create(d.join(format!("{i}.png")))?;
-            let mut enc = png::Encoder::new(f, 16, 16);
-            enc.set_color(png::ColorType::Rgb);
-            enc.set_depth(png::BitDepth::Eight);
-            enc.write_header()?.write_image_data(&px)?;
-        }
-    }
-    Ok(())
+    let items: Vec<(String, String, usize)> = [("blue", 2), ("red", 0)]
+        .iter()
+        .flat_map(|&(class, channel)| {
+            (0..8).map(move |i| (format!("{class}/{i}"), format!("a {class} square"), channel))
+        })
+        .collect();
+    write_squares(dir, &items, 12345)
 }
 
 fn write(path: &Path, text: &str) -> R<String> {
@@ -131,6 +95,22 @@ prompts = ["a red square", "a blue square"]
             data = data.display()
         ),
     )
+}
+
+/// The test data and a 4-step autoencoder run on it (its `model.safetensors` is the first stage of the LDMs).
+fn trained_autoencoder(dir: &Path) -> R<(PathBuf, PathBuf)> {
+    let data = dir.join("data");
+    write_data(&data)?;
+    let ae_run = dir.join("ae");
+    let ae_toml = ae_recipe(dir, &data)?;
+    ok(&ldm(&[
+        "train-autoencoder",
+        "--config",
+        &ae_toml,
+        "--out",
+        &ae_run.display().to_string(),
+    ]));
+    Ok((data, ae_run))
 }
 
 fn train_lines(run: &Path) -> R<usize> {
@@ -249,18 +229,8 @@ fn autoencoder_then_ldm_then_sampling_from_the_exported_model() -> R {
 #[test]
 fn a_stopped_and_resumed_run_ends_with_the_weights_of_a_straight_run() -> R {
     let dir = tempfile::tempdir()?;
-    let data = dir.path().join("data");
-    write_data(&data)?;
     // A first stage trained for a step is enough: only the LDM run is compared.
-    let ae_run = dir.path().join("ae");
-    let ae_toml = ae_recipe(dir.path(), &data)?;
-    ok(&ldm(&[
-        "train-autoencoder",
-        "--config",
-        &ae_toml,
-        "--out",
-        &ae_run.display().to_string(),
-    ]));
+    let (data, ae_run) = trained_autoencoder(dir.path())?;
     let toml = ldm_recipe(dir.path(), &data, &ae_run.join("model.safetensors"), 6)?;
     let straight = dir.path().join("straight");
     ok(&ldm(&[
@@ -378,17 +348,7 @@ fn wait_for_checkpoint(run: &Path, child: &mut std::process::Child) -> R<bool> {
 #[test]
 fn sigkill_leaves_loadable_checkpoints_and_ctrl_c_saves_and_stops() -> R {
     let dir = tempfile::tempdir()?;
-    let data = dir.path().join("data");
-    write_data(&data)?;
-    let ae_run = dir.path().join("ae");
-    let ae_toml = ae_recipe(dir.path(), &data)?;
-    ok(&ldm(&[
-        "train-autoencoder",
-        "--config",
-        &ae_toml,
-        "--out",
-        &ae_run.display().to_string(),
-    ]));
+    let (data, ae_run) = trained_autoencoder(dir.path())?;
     let toml = ldm_recipe(
         dir.path(),
         &data,
@@ -501,17 +461,7 @@ fn sigkill_leaves_loadable_checkpoints_and_ctrl_c_saves_and_stops() -> R {
 #[test]
 fn a_text_to_image_model_trains_its_own_text_encoder_and_samples_from_prompts() -> R {
     let dir = tempfile::tempdir()?;
-    let data = dir.path().join("data");
-    write_data(&data)?;
-    let ae_run = dir.path().join("ae");
-    let ae_toml = ae_recipe(dir.path(), &data)?;
-    ok(&ldm(&[
-        "train-autoencoder",
-        "--config",
-        &ae_toml,
-        "--out",
-        &ae_run.display().to_string(),
-    ]));
+    let (data, ae_run) = trained_autoencoder(dir.path())?;
     let toml = recipe_for(
         dir.path(),
         "ldm-text.yaml",

@@ -20,9 +20,7 @@ use ldm_models::original_config::OriginalFile;
 use ldm_pipeline::spec::{first_stage_from_original, FirstStageSpec};
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::{
-    restore_params, save_safetensors, snapshot, CheckpointDir, TrainCheckpoint,
-};
+use crate::checkpoint::{restore_params, save_safetensors, snapshot, TrainCheckpoint};
 use crate::data::{Dataset, ImageDataset, Loader, LoaderConfig, LoaderPosition};
 use crate::error::{Result, TrainError};
 use crate::grad::clip_grad_norm;
@@ -37,7 +35,7 @@ use crate::losses::{
 };
 use crate::optim::AdamW;
 use crate::recipe::AutoencoderRecipe;
-use crate::run::{Event, RunOptions, Summary};
+use crate::run::{close_run, load_checkpoint, open_run, Event, RunOptions, Summary};
 use crate::setup::{open_dataset, split_holdout, vars_under};
 
 /// β of the VQ commitment term (the LDM/taming default).
@@ -265,18 +263,7 @@ pub fn train_autoencoder(
             "autoencoder training takes one batch per step (the adaptive weight is per batch): use 1",
         ));
     }
-    std::fs::create_dir_all(&opts.out).map_err(|e| TrainError::io(&opts.out, e))?;
-    let ckpts = CheckpointDir::new(opts.out.join("checkpoints"), t.keep_checkpoints)?;
-    let resume_from = ckpts.latest()?;
-    if resume_from.is_some() && !opts.resume {
-        return Err(TrainError::invalid(
-            "out",
-            format!(
-                "{} already holds checkpoints of a run: pass --resume to continue it, or choose another --out",
-                opts.out.display()
-            ),
-        ));
-    }
+    let (ckpts, resume_from) = open_run(opts, t.keep_checkpoints)?;
     let varmap = VarMap::new();
     let (model, _spec) = build(recipe, &varmap, &device)?;
     if let Model::Kl(_, l) = &model {
@@ -333,41 +320,13 @@ pub fn train_autoencoder(
 
     let (mut step, mut rng, mut loader) = match &resume_from {
         Some(path) => {
-            let ck = TrainCheckpoint::load(path, &device)?;
-            if ck.model_kind != model.kind() {
-                return Err(TrainError::Checkpoint {
-                    path: path.clone(),
-                    reason: format!(
-                        "a `{}` checkpoint, this run trains `{}`",
-                        ck.model_kind,
-                        model.kind()
-                    ),
-                });
-            }
-            let state: RunState =
-                serde_json::from_str(&ck.config).map_err(|e| TrainError::Checkpoint {
-                    path: path.clone(),
-                    reason: format!("run state: {e}"),
-                })?;
+            let (ck, state, rng): (_, RunState, _) = load_checkpoint(path, model.kind())?;
             restore_params(&all, &ck.model)?;
             for (slot, opt) in [("optim", &mut opt_ae), ("optim_disc", &mut opt_disc)] {
                 if let Some(st) = ck.optimizers.get(slot) {
                     opt.load_state(st)?;
                 }
             }
-            let rng = ck
-                .rng
-                .get("noise")
-                .map(TorchRng::from_state)
-                .transpose()
-                .map_err(|e| TrainError::Checkpoint {
-                    path: path.clone(),
-                    reason: e.to_string(),
-                })?
-                .ok_or_else(|| TrainError::Checkpoint {
-                    path: path.clone(),
-                    reason: "no `noise` generator state".into(),
-                })?;
             on_event(Event::Message(format!(
                 "resumed from {} at step {}",
                 path.display(),
@@ -480,25 +439,15 @@ pub fn train_autoencoder(
     }
     let elapsed = started.elapsed().as_secs_f64();
     let ckpt = save(step, &rng, &loader, &opt_ae, &opt_disc)?;
-    log.event(
+    let mut summary = close_run(
+        &mut log,
+        on_event,
         step,
         elapsed,
-        if interrupted {
-            "interrupted"
-        } else {
-            "checkpoint"
-        },
-    )?;
-    on_event(Event::Saved(&ckpt));
-    let mut summary = Summary {
-        step,
         interrupted,
         last_loss,
-        checkpoint: ckpt,
-        exported: None,
-        samples: None,
-        loss_curve: None,
-    };
+        ckpt,
+    )?;
     if interrupted || step < t.steps {
         return Ok(summary);
     }

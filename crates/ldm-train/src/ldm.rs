@@ -33,9 +33,7 @@ use ldm_sampling::schedule::Schedule;
 use ldm_sampling::{PredictionType, SamplerKind};
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::{
-    restore_params, save_safetensors, snapshot, CheckpointDir, TrainCheckpoint,
-};
+use crate::checkpoint::{restore_params, save_safetensors, snapshot, TrainCheckpoint};
 use crate::data::{Dataset, LatentCache, Loader, LoaderConfig, LoaderPosition};
 use crate::diffusion::{dropout_mask, DiffusionObjective, Prediction};
 use crate::ema::Ema;
@@ -47,7 +45,7 @@ use crate::lora::{save_kohya, LoraBackend, LoraConfig, LoraSet};
 use crate::lr::LrSchedule;
 use crate::optim::{AdamW, AdamWConfig};
 use crate::recipe::{LdmRecipe, LoraDtype, LoraRecipe, LoraTargetSet, LrDecay, TrainSettings};
-use crate::run::{Event, RunOptions, Summary};
+use crate::run::{close_run, load_checkpoint, open_run, Event, RunOptions, Summary};
 use crate::setup::{load_into, open_dataset, open_store, vars_under};
 
 const KIND: &str = "ldm";
@@ -415,18 +413,7 @@ pub fn train_ldm(
 ) -> Result<Summary> {
     let device = Device::Cpu;
     let t = &recipe.train;
-    std::fs::create_dir_all(&opts.out).map_err(|e| TrainError::io(&opts.out, e))?;
-    let ckpts = CheckpointDir::new(opts.out.join("checkpoints"), t.keep_checkpoints)?;
-    let resume_from = ckpts.latest()?;
-    if resume_from.is_some() && !opts.resume {
-        return Err(TrainError::invalid(
-            "out",
-            format!(
-                "{} already holds checkpoints of a run: pass --resume to continue it, or choose another --out",
-                opts.out.display()
-            ),
-        ));
-    }
+    let (ckpts, resume_from) = open_run(opts, t.keep_checkpoints)?;
     let s = build(recipe, &device)?;
     on_event(Event::Message(format!(
         "model: {} ({}), {} trainable tensors ({:.2} M parameters), {} frozen",
@@ -484,19 +471,8 @@ pub fn train_ldm(
 
     // Start or resume.
     let (mut step, mut rng, mut loader, latent_scale) = match &resume_from {
-        Some(path) if opts.resume => {
-            let ck = TrainCheckpoint::load(path, &device)?;
-            if ck.model_kind != KIND {
-                return Err(TrainError::Checkpoint {
-                    path: path.clone(),
-                    reason: format!("a `{}` checkpoint, not an LDM run's", ck.model_kind),
-                });
-            }
-            let state: RunState =
-                serde_json::from_str(&ck.config).map_err(|e| TrainError::Checkpoint {
-                    path: path.clone(),
-                    reason: format!("run state: {e}"),
-                })?;
+        Some(path) => {
+            let (ck, state, rng): (_, RunState, _) = load_checkpoint(path, KIND)?;
             restore_params(&s.trainable, &ck.model)?;
             if let Some(opt) = ck.optimizers.get("optim") {
                 optim.load_state(opt)?;
@@ -504,14 +480,6 @@ pub fn train_ldm(
             if let (Some(e), Some(st)) = (ema.as_mut(), ck.ema.as_ref()) {
                 e.load_state(st)?;
             }
-            let rng_state = ck.rng.get("noise").ok_or_else(|| TrainError::Checkpoint {
-                path: path.clone(),
-                reason: "no `noise` generator state".into(),
-            })?;
-            let rng = TorchRng::from_state(rng_state).map_err(|e| TrainError::Checkpoint {
-                path: path.clone(),
-                reason: e.to_string(),
-            })?;
             on_event(Event::Message(format!(
                 "resumed from {} at step {}",
                 path.display(),
@@ -675,25 +643,15 @@ pub fn train_ldm(
     }
     let elapsed = started.elapsed().as_secs_f64();
     let ckpt = save(step, &rng, &loader, &optim, &ema)?;
-    log.event(
+    let mut summary = close_run(
+        &mut log,
+        on_event,
         step,
         elapsed,
-        if interrupted {
-            "interrupted"
-        } else {
-            "checkpoint"
-        },
-    )?;
-    on_event(Event::Saved(&ckpt));
-    let mut summary = Summary {
-        step,
         interrupted,
         last_loss,
-        checkpoint: ckpt,
-        exported: None,
-        samples: None,
-        loss_curve: None,
-    };
+        ckpt,
+    )?;
     if interrupted || step < t.steps {
         return Ok(summary);
     }

@@ -60,3 +60,81 @@ pub struct Summary {
     pub samples: Option<PathBuf>,
     pub loss_curve: Option<PathBuf>,
 }
+
+/// The run folder's checkpoint directory and the checkpoint to resume from. A folder that already holds
+/// checkpoints is refused unless `opts.resume` (nothing of an earlier run is overwritten by accident).
+pub(crate) fn open_run(
+    opts: &RunOptions,
+    keep: usize,
+) -> crate::Result<(crate::checkpoint::CheckpointDir, Option<PathBuf>)> {
+    std::fs::create_dir_all(&opts.out).map_err(|e| crate::TrainError::io(&opts.out, e))?;
+    let ckpts = crate::checkpoint::CheckpointDir::new(opts.out.join("checkpoints"), keep)?;
+    let latest = ckpts.latest()?;
+    if latest.is_some() && !opts.resume {
+        return Err(crate::TrainError::invalid(
+            "out",
+            format!(
+                "{} already holds checkpoints of a run: pass --resume to continue it, or choose another --out",
+                opts.out.display()
+            ),
+        ));
+    }
+    Ok((ckpts, latest.filter(|_| opts.resume)))
+}
+
+/// A checkpoint of `kind` with its run state and its `noise` generator.
+pub(crate) fn load_checkpoint<S: serde::de::DeserializeOwned>(
+    path: &Path,
+    kind: &str,
+) -> crate::Result<(
+    crate::checkpoint::TrainCheckpoint,
+    S,
+    ldm_core::rng::TorchRng,
+)> {
+    let bad = |reason: String| crate::TrainError::Checkpoint {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let ck = crate::checkpoint::TrainCheckpoint::load(path, &candle_core::Device::Cpu)?;
+    if ck.model_kind != kind {
+        return Err(bad(format!(
+            "a `{}` checkpoint, this run trains `{kind}`",
+            ck.model_kind
+        )));
+    }
+    let state: S = serde_json::from_str(&ck.config).map_err(|e| bad(format!("run state: {e}")))?;
+    let rng_state = ck
+        .rng
+        .get("noise")
+        .ok_or_else(|| bad("no `noise` generator state".into()))?;
+    let rng = ldm_core::rng::TorchRng::from_state(rng_state).map_err(|e| bad(e.to_string()))?;
+    Ok((ck, state, rng))
+}
+
+/// Logs the last checkpoint of a run and returns the summary of a run that has not exported yet.
+pub(crate) fn close_run(
+    log: &mut crate::log::JsonlLog,
+    on_event: &mut dyn FnMut(Event<'_>),
+    step: u64,
+    elapsed: f64,
+    interrupted: bool,
+    last_loss: f64,
+    checkpoint: PathBuf,
+) -> crate::Result<Summary> {
+    let what = if interrupted {
+        "interrupted"
+    } else {
+        "checkpoint"
+    };
+    log.event(step, elapsed, what)?;
+    on_event(Event::Saved(&checkpoint));
+    Ok(Summary {
+        step,
+        interrupted,
+        last_loss,
+        checkpoint,
+        exported: None,
+        samples: None,
+        loss_curve: None,
+    })
+}
