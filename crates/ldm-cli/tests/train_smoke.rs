@@ -187,7 +187,8 @@ fn autoencoder_then_ldm_then_sampling_from_the_exported_model() -> R {
     }
     assert_eq!(train_lines(&ldm_run)?, 4);
 
-    // The exported model is an ordinary LDM checkpoint for the inference commands.
+    // The exported model is an ordinary LDM checkpoint for the inference commands; its YAML's image_size sets
+    // the default output size (8 latents · f 2 = 16 px).
     let img = dir.path().join("s.png");
     let model = ldm_run.join("model.safetensors").display().to_string();
     let args = [
@@ -202,10 +203,6 @@ fn autoencoder_then_ldm_then_sampling_from_the_exported_model() -> R {
         "3",
         "--cfg-scale",
         "2",
-        "--width",
-        "16",
-        "--height",
-        "16",
     ];
     let out = ldm(&[&args[..], &["-o", &img.display().to_string()]].concat());
     ok(&out);

@@ -308,6 +308,7 @@ fn open_diffusers(dir: &Path, form: CheckpointForm) -> Result<Opened> {
         }),
         concat,
         latent_scale: va.scaling_factor,
+        sample_size: None,
         scheduler,
     };
     let tok_dir = dir.join("tokenizer");

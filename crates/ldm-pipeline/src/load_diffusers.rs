@@ -417,6 +417,7 @@ impl Folder<'_> {
             cond: CondSpec::None,
             concat,
             latent_scale,
+            sample_size: None,
             scheduler,
         };
         Ok(self.finish(form, store, spec, None))
@@ -460,6 +461,7 @@ impl Folder<'_> {
             cond: CondSpec::Text(TextSpec::Bert(encoder)),
             concat: ConcatSpec::None,
             latent_scale: first.scaling_factor,
+            sample_size: None,
             scheduler,
         };
         Ok(self.finish(form, store, spec, Some(Tokenizer::Bert(tokenizer))))
@@ -548,6 +550,7 @@ impl Folder<'_> {
                 }),
             },
             latent_scale: first.scaling_factor,
+            sample_size: None,
             scheduler,
         };
         Ok(self.finish(form, store, spec, Some(Tokenizer::Clip(tokenizer))))

@@ -24,7 +24,7 @@ pub struct GenerateRequest {
     pub sampler: String,
     pub karras: bool,
     pub eta: f64,
-    /// None: the model's native size (8 × the UNet's training latent size is unknown in general, so 512).
+    /// None: the model's training size when its config states it (`image_size` · f), else 64 latents · f.
     pub width: Option<usize>,
     pub height: Option<usize>,
     pub seed: Option<u64>,
@@ -129,7 +129,7 @@ impl GenerateRequest {
             ));
         }
         let m = spec.size_multiple();
-        let default_side = 64 * spec.vae_factor();
+        let default_side = spec.sample_size.unwrap_or(64) * spec.vae_factor();
         let side = |v: Option<usize>, field: &'static str| -> Result<usize> {
             let v = v.unwrap_or(default_side);
             if v == 0 || v > MAX_SIDE {

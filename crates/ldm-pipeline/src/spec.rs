@@ -163,6 +163,9 @@ pub struct ModelSpec {
     pub concat: ConcatSpec,
     /// Latent scale factor (`scale_factor` / `scaling_factor`): z_unet = scale · z_first_stage.
     pub latent_scale: f64,
+    /// The latent side the model was trained at (the original YAML's `image_size`), which sets the default
+    /// output size (`sample_size · f`, as diffusers takes the UNet's `sample_size`); None: 64 latents.
+    pub sample_size: Option<usize>,
     pub scheduler: SchedulerConfig,
 }
 
@@ -363,6 +366,7 @@ impl ModelSpec {
             }),
             concat,
             latent_scale: 0.18215,
+            sample_size: None,
             scheduler: match family {
                 Family::Sd2 => SchedulerConfig::sd_v_default(),
                 _ => SchedulerConfig::sd_default(),
@@ -564,6 +568,7 @@ impl ModelSpec {
             cond,
             concat,
             latent_scale,
+            sample_size: Some(cfg.image_size),
             scheduler,
         };
         spec.check_channels().map_err(bad)?;
