@@ -12,10 +12,9 @@
 #
 # Measured at 512² (test profile, 2 threads on 2 cores shared with other jobs, load ~5, 2026-12-07; 323 MiB of
 # weights included): whole 273 s / 1690 MiB; --tiled=32 (shared statistics, exact) 185 s / 953 MiB;
-# --tiled=32:8 --independent (3x3 blended tiles) 707 s / 729 MiB. Expect (estimates, not measured):
-# 1024² whole ~12-15 min and ~5.8 GiB; shared ~2 GiB of feature maps + weights + ~0.3 GiB tile working set;
-# independent (3x3 tiles of 512 px) ~27 min and ~1.7 GiB; 2048²: shared ~8.5 GiB, independent ~1.75 GiB,
-# whole ~22 GiB. At 512² the default 64-latent tile is the whole latent (decoded untiled): use
+# --tiled=32:8 --independent (3x3 blended tiles) 707 s / 729 MiB. Measured since: 1024² shared 2477 MiB,
+# 2048² shared 8683 MiB (docs/PERFORMANCE.md). Estimates, not measured: 1024² whole ~5.8 GiB; independent
+# tiles ~1.7 GiB at 1024² and 2048² (about 4x the shared mode's time); 2048² whole ~22 GiB. At 512² the default 64-latent tile is the whole latent (decoded untiled): use
 # LDM_VAE_RSS_TILE=32 for a tiled 512² run.
 # Logs go to ${LDM_BENCH_LOGDIR:-tools/bench/.out}/vae_rss_*.log; the table is printed at the end.
 set -euo pipefail
