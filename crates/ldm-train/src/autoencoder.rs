@@ -35,7 +35,9 @@ use crate::losses::{
 };
 use crate::optim::AdamW;
 use crate::recipe::AutoencoderRecipe;
-use crate::run::{close_run, load_checkpoint, open_run, Event, RunOptions, Summary};
+use crate::run::{
+    after_step, close_run, load_checkpoint, open_run, Event, RunOptions, StepClock, Summary,
+};
 use crate::setup::{open_dataset, split_holdout, vars_under};
 
 /// β of the VQ commitment term (the LDM/taming default).
@@ -374,7 +376,12 @@ pub fn train_autoencoder(
     } else {
         t.checkpoint_every
     };
-    let (mut last_loss, mut interrupted, run_start) = (f64::NAN, false, step);
+    let (mut last_loss, mut interrupted) = (f64::NAN, false);
+    let clock = StepClock {
+        started,
+        run_start: step,
+        total,
+    };
     while step < total {
         if opts.stop.load(Ordering::SeqCst) {
             interrupted = true;
@@ -398,31 +405,19 @@ pub fn train_autoencoder(
         }
         step += 1;
         last_loss = gen.loss;
-        if !last_loss.is_finite() {
-            save(step, &rng, &loader, &opt_ae, &opt_disc)?;
-            return Err(TrainError::invalid(
-                "train",
-                format!("the loss became {last_loss} at step {step}: lower the learning rate (checkpoint saved)"),
-            ));
-        }
-        let elapsed = started.elapsed().as_secs_f64();
-        if step % t.log_every == 0 || step == total {
-            vals.push(("lr".into(), lr));
-            let refs: Vec<(&str, f64)> = vals.iter().map(|(k, v)| (k.as_str(), *v)).collect();
-            log.write("train", step, elapsed, &refs)?;
-        }
-        on_event(Event::Step {
+        vals.push(("lr".into(), lr));
+        let refs: Vec<(&str, f64)> = vals.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+        let elapsed = after_step(
+            t,
+            &clock,
+            &mut log,
+            on_event,
             step,
-            total,
-            loss: last_loss,
+            last_loss,
             lr,
-            steps_per_s: (step - run_start) as f64 / elapsed.max(1e-9),
-        });
-        if step % t.checkpoint_every == 0 && step < total {
-            let p = save(step, &rng, &loader, &opt_ae, &opt_disc)?;
-            log.event(step, elapsed, "checkpoint")?;
-            on_event(Event::Saved(&p));
-        }
+            &refs,
+            &mut || save(step, &rng, &loader, &opt_ae, &opt_disc),
+        )?;
         if let Some(h) = &held {
             if step % eval_every == 0 && step < total {
                 let grid = opts

@@ -45,7 +45,9 @@ use crate::lora::{save_kohya, LoraBackend, LoraConfig, LoraSet};
 use crate::lr::LrSchedule;
 use crate::optim::{AdamW, AdamWConfig};
 use crate::recipe::{LdmRecipe, LoraDtype, LoraRecipe, LoraTargetSet, LrDecay, TrainSettings};
-use crate::run::{close_run, load_checkpoint, open_run, Event, RunOptions, Summary};
+use crate::run::{
+    after_step, close_run, load_checkpoint, open_run, Event, RunOptions, StepClock, Summary,
+};
 use crate::setup::{load_into, open_dataset, open_store, vars_under};
 
 const KIND: &str = "ldm";
@@ -556,7 +558,11 @@ pub fn train_ldm(
     let mut acc = GradAccumulator::new(vars.clone());
     let mut last_loss = f64::NAN;
     let mut interrupted = false;
-    let run_start = step;
+    let clock = StepClock {
+        started,
+        run_start: step,
+        total,
+    };
     while step < total {
         if opts.stop.load(Ordering::SeqCst) {
             interrupted = true;
@@ -601,33 +607,21 @@ pub fn train_ldm(
         }
         step += 1;
         last_loss = loss_sum / t.grad_accum as f64;
-        if !last_loss.is_finite() {
-            save(step, &rng, &loader, &optim, &ema)?;
-            return Err(TrainError::invalid(
-                "train",
-                format!("the loss became {last_loss} at step {step}: lower the learning rate (checkpoint saved)"),
-            ));
+        let mut vals = vec![("loss", last_loss), ("lr", lr)];
+        if grad_norm.is_finite() {
+            vals.push(("grad_norm", grad_norm));
         }
-        let elapsed = started.elapsed().as_secs_f64();
-        if step % t.log_every == 0 || step == total {
-            let mut vals = vec![("loss", last_loss), ("lr", lr)];
-            if grad_norm.is_finite() {
-                vals.push(("grad_norm", grad_norm));
-            }
-            log.write("train", step, elapsed, &vals)?;
-        }
-        on_event(Event::Step {
+        after_step(
+            t,
+            &clock,
+            &mut log,
+            on_event,
             step,
-            total,
-            loss: last_loss,
+            last_loss,
             lr,
-            steps_per_s: (step - run_start) as f64 / elapsed.max(1e-9),
-        });
-        if step % t.checkpoint_every == 0 && step < total {
-            let p = save(step, &rng, &loader, &optim, &ema)?;
-            log.event(step, elapsed, "checkpoint")?;
-            on_event(Event::Saved(&p));
-        }
+            &vals,
+            &mut || save(step, &rng, &loader, &optim, &ema),
+        )?;
         if t.sample_every > 0 && step % t.sample_every == 0 && step < total {
             let grid = export_and_sample(
                 &s,

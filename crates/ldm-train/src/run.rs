@@ -138,3 +138,54 @@ pub(crate) fn close_run(
         loss_curve: None,
     })
 }
+
+/// Where a run's loop stands, for [`after_step`].
+pub(crate) struct StepClock {
+    pub started: std::time::Instant,
+    /// The step the run (re)started from.
+    pub run_start: u64,
+    pub total: u64,
+}
+
+/// The bookkeeping after an optimiser step, shared by the trainers: a non-finite loss saves a checkpoint and
+/// stops the run with an error; `vals` are logged every `log_every` steps (and at the last); progress is
+/// reported; every `checkpoint_every` steps a checkpoint is written. Returns the elapsed seconds.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn after_step(
+    t: &crate::recipe::TrainSettings,
+    clock: &StepClock,
+    log: &mut crate::log::JsonlLog,
+    on_event: &mut dyn FnMut(Event<'_>),
+    step: u64,
+    loss: f64,
+    lr: f64,
+    vals: &[(&str, f64)],
+    save: &mut dyn FnMut() -> crate::Result<PathBuf>,
+) -> crate::Result<f64> {
+    if !loss.is_finite() {
+        save()?;
+        return Err(crate::TrainError::invalid(
+            "train",
+            format!(
+                "the loss became {loss} at step {step}: lower the learning rate (checkpoint saved)"
+            ),
+        ));
+    }
+    let elapsed = clock.started.elapsed().as_secs_f64();
+    if step.is_multiple_of(t.log_every) || step == clock.total {
+        log.write("train", step, elapsed, vals)?;
+    }
+    on_event(Event::Step {
+        step,
+        total: clock.total,
+        loss,
+        lr,
+        steps_per_s: (step - clock.run_start) as f64 / elapsed.max(1e-9),
+    });
+    if step.is_multiple_of(t.checkpoint_every) && step < clock.total {
+        let p = save()?;
+        log.event(step, elapsed, "checkpoint")?;
+        on_event(Event::Saved(&p));
+    }
+    Ok(elapsed)
+}
