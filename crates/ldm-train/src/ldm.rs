@@ -105,12 +105,7 @@ fn diffusion_config(path: &Path) -> Result<OriginalConfig> {
 /// A first-stage file as a store under `first_stage_model.`: an exported autoencoder (its own key names) or
 /// a whole LDM/SD checkpoint (keys already prefixed).
 fn first_stage_store(path: &Path) -> Result<WeightStore> {
-    let plain = open_store(path, "")?;
-    if plain.keys().any(|k| k.starts_with("first_stage_model.")) {
-        Ok(plain)
-    } else {
-        open_store(path, "first_stage_model.")
-    }
+    open_store(path, "first_stage_model.")
 }
 
 /// Trainable prefixes: the UNet, and the condition encoder where the paper trains it jointly.

@@ -95,8 +95,9 @@ pub fn split_holdout(
     Ok((pick(&train)?, Some(pick(&held)?)))
 }
 
-/// A weight file (safetensors, or a PyTorch `.ckpt`/`.pt`/`.pth` read by the safe unpickler) as a store, every
-/// key prefixed by `prefix`.
+/// A weight file (safetensors, or a PyTorch `.ckpt`/`.pt`/`.pth` read by the safe unpickler) as a store with its
+/// keys under `prefix`: a file that already keeps keys under `prefix` (a whole checkpoint) is taken as it is,
+/// any other (e.g. an exported autoencoder) gets `prefix` put before every key. The file is read once.
 pub fn open_store(path: &Path, prefix: &str) -> Result<WeightStore> {
     if !path.is_file() {
         return Err(TrainError::io(
@@ -110,14 +111,24 @@ pub fn open_store(path: &Path, prefix: &str) -> Result<WeightStore> {
         .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"));
     if is_safetensors {
         let file = Arc::new(SafetensorsFile::open(path)?);
-        store.add_file(&file, prefix);
+        let add = if file.names().any(|k| k.starts_with(prefix)) {
+            ""
+        } else {
+            prefix
+        };
+        store.add_file(&file, add);
     } else {
         let ckpt = ldm_core::ckpt::read_ckpt(path).map_err(|e| TrainError::Checkpoint {
             path: path.to_path_buf(),
             reason: e.to_string(),
         })?;
+        let add = if ckpt.tensors.iter().any(|(k, _)| k.starts_with(prefix)) {
+            ""
+        } else {
+            prefix
+        };
         for (k, t) in ckpt.tensors {
-            store.insert(&format!("{prefix}{k}"), t);
+            store.insert(&format!("{add}{k}"), t);
         }
     }
     Ok(store)
