@@ -4,9 +4,9 @@ use std::path::{Path, PathBuf};
 
 use ldm_models::original_config::{
     AttnType, BetaSchedule, ClipLayer, ConditioningKey, ConfigError, ContextDim, DiffusionKind,
-    InterpolationMethod, LowScaleConfig, NumClasses, OriginalAutoencoder, OriginalCondStage,
-    OriginalConfig, OriginalFile, OriginalFirstStage, OriginalTextEncoder, Parameterization,
-    Problem,
+    InterpolationMethod, LossType, LowScaleConfig, NumClasses, OriginalAutoencoder,
+    OriginalCondStage, OriginalConfig, OriginalFile, OriginalFirstStage, OriginalTextEncoder,
+    Parameterization, Problem,
 };
 use ldm_models::unet::HeadSpec;
 
@@ -355,6 +355,13 @@ fn unconditional_inpainting_and_retrieval_models() -> TestResult {
         (inpaint.conditioning_key, inpaint.unet.in_channels),
         (Some(ConditioningKey::Concat), 7)
     );
+    assert_eq!(inpaint.loss_type, LossType::L1);
+    assert_eq!(churches.loss_type, LossType::L1);
+    let sr = model("latent-diffusion/models/ldm/bsr_sr/config.yaml")?;
+    assert_eq!(sr.loss_type, LossType::L2);
+    // No `loss_type`: the DDPM default, l2.
+    let cin = model("latent-diffusion/models/ldm/cin256/config.yaml")?;
+    assert_eq!(cin.loss_type, LossType::L2);
     assert_eq!(
         inpaint.first_stage.ddconfig().map(|d| d.attn_type),
         Some(AttnType::None)

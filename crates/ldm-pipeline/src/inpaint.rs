@@ -77,7 +77,7 @@ impl InpaintInput {
 }
 
 /// `mask` [1, 1, H, W] at latent resolution [1, 1, H/f, W/f]: nearest neighbour, pixel (f·i, f·j).
-fn mask_to_latent(mask: &Tensor, f: usize, device: &Device) -> Result<Tensor> {
+pub fn mask_to_latent(mask: &Tensor, f: usize, device: &Device) -> Result<Tensor> {
     let (_, _, h, w) = mask.dims4()?;
     let rows: Vec<u32> = (0..h / f).map(|i| (i * f) as u32).collect();
     let cols: Vec<u32> = (0..w / f).map(|j| (j * f) as u32).collect();

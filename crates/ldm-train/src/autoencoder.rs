@@ -16,7 +16,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
 use ldm_core::rng::{NoiseRng, TorchRng};
 use ldm_models::autoencoder::{AutoencoderKl, VqModel};
-use ldm_models::original_config::OriginalFile;
+use ldm_models::original_config::{OriginalFile, OriginalFirstStage};
 use ldm_pipeline::spec::{first_stage_from_original, FirstStageSpec};
 use serde::{Deserialize, Serialize};
 
@@ -153,7 +153,7 @@ fn build(
     varmap: &VarMap,
     device: &Device,
 ) -> Result<(Model, FirstStageSpec)> {
-    let first = match OriginalFile::load(&recipe.model).map_err(model_err)? {
+    let mut first = match OriginalFile::load(&recipe.model).map_err(model_err)? {
         OriginalFile::FirstStage(a) => a.first_stage,
         OriginalFile::Diffusion(_) => {
             return Err(TrainError::invalid(
@@ -165,6 +165,11 @@ fn build(
             ))
         }
     };
+    // A VQ autoencoder is trained as `VQModel` (taming's and LDM's autoencoder configs); whether `encode`
+    // quantises (`VQModelInterface` does not) only matters to an LDM using it, whose own YAML says so.
+    if let OriginalFirstStage::Vq(vq) = &mut first {
+        vq.interface = true;
+    }
     let spec = first_stage_from_original(&first).map_err(model_err)?;
     let vb = SeededVarMap::new(varmap.clone(), recipe.train.seed).var_builder(DType::F32, device);
     let l = &recipe.loss;

@@ -28,6 +28,7 @@
 use crate::error::{Result, TrainError};
 use candle_core::{DType, Tensor};
 use ldm_core::rng::{NoiseRng, TorchRng};
+pub use ldm_models::original_config::LossType;
 use ldm_sampling::schedule::Schedule;
 use serde::{Deserialize, Serialize};
 
@@ -63,6 +64,8 @@ pub struct TrainingInput {
 pub struct DiffusionObjective {
     pub schedule: Schedule,
     pub prediction: Prediction,
+    /// The loss's norm: the YAML's `loss_type` (l2 unless it says l1).
+    pub loss_type: LossType,
 }
 
 /// `torch.randint(0, train_steps, (batch,))` on a CPU generator: one 32-bit word per item, modulo T.
@@ -172,7 +175,13 @@ impl DiffusionObjective {
         Self {
             schedule,
             prediction,
+            loss_type: LossType::L2,
         }
+    }
+
+    /// The same objective with an l1 or l2 loss (`DDPM.get_loss` with `mean=True`).
+    pub fn with_loss_type(self, loss_type: LossType) -> Self {
+        Self { loss_type, ..self }
     }
 
     /// Draws ε ~ N(0, I) (`torch.randn_like(z0)`) and then t ~ U{0..T−1} (`torch.randint`) from `rng`, and
@@ -260,7 +269,8 @@ impl DiffusionObjective {
         Ok((column(&|a| a.sqrt())?, column(&|a| (1.0 - a).sqrt())?))
     }
 
-    /// mean((pred − target)²) over every element, computed in f32 (a scalar tensor, differentiable in `pred`).
+    /// mean((pred − target)²) (l2) or mean(|pred − target|) (l1) over every element, computed in f32 (a scalar
+    /// tensor, differentiable in `pred`).
     pub fn loss(&self, pred: &Tensor, target: &Tensor) -> Result<Tensor> {
         if pred.dims() != target.dims() {
             return Err(TrainError::invalid(
@@ -273,7 +283,10 @@ impl DiffusionObjective {
             ));
         }
         let diff = (pred.to_dtype(DType::F32)? - target.to_dtype(DType::F32)?)?;
-        Ok(diff.sqr()?.mean_all()?)
+        Ok(match self.loss_type {
+            LossType::L2 => diff.sqr()?.mean_all()?,
+            LossType::L1 => diff.abs()?.mean_all()?,
+        })
     }
 
     /// One step of the objective: samples the input from `rng`, calls `model(z_t, t)` and returns the loss with
@@ -310,6 +323,21 @@ mod tests {
 
     fn close(x: f32, y: f32, r: f32, a: f32) -> bool {
         (x - y).abs() <= (r * (x + y).abs()).max(a)
+    }
+
+    #[test]
+    fn l1_loss_and_its_gradient() -> Result<()> {
+        let dev = Device::Cpu;
+        let o = objective(BetaSchedule::Linear, Prediction::Epsilon).with_loss_type(LossType::L1);
+        let pred = Var::from_vec(vec![1.0f32, -2.0, 0.5, 3.0], (1, 4), &dev)?;
+        let target = Tensor::from_vec(vec![0.0f32, 0.0, 1.0, 1.0], (1, 4), &dev)?;
+        let loss = o.loss(pred.as_tensor(), &target)?;
+        // (1 + 2 + 0.5 + 2) / 4
+        assert!((loss.to_scalar::<f32>()? - 1.375).abs() < 1e-7);
+        let g = loss.backward()?;
+        let g = to_vec(g.get(pred.as_tensor()).expect("a gradient"));
+        assert_eq!(g, vec![0.25, -0.25, -0.25, 0.25]);
+        Ok(())
     }
 
     #[test]

@@ -27,13 +27,14 @@ use ldm_models::lora::LoraTargets;
 use ldm_models::original_config::{OriginalConfig, OriginalFile};
 use ldm_models::unet::Unet;
 use ldm_pipeline::load::builtin_tokenizer;
-use ldm_pipeline::spec::{ConcatSpec, CondSpec, FirstStageSpec, ModelSpec, TextSpec};
+use ldm_pipeline::spec::{CondSpec, FirstStageSpec, ModelSpec, TextSpec};
 use ldm_pipeline::SdModels;
 use ldm_sampling::schedule::Schedule;
 use ldm_sampling::{PredictionType, SamplerKind};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{restore_params, save_safetensors, snapshot, TrainCheckpoint};
+use crate::concat::{image_channels, ConcatTraining};
 use crate::data::{Dataset, LatentCache, Loader, LoaderConfig, LoaderPosition};
 use crate::diffusion::{dropout_mask, DiffusionObjective, Prediction};
 use crate::ema::Ema;
@@ -208,6 +209,8 @@ struct Setup {
     trainable: Vec<(String, Var)>,
     frozen: Vec<(String, Var)>,
     objective: DiffusionObjective,
+    /// Channels joined to z_t (super-resolution, inpainting).
+    concat: ConcatTraining,
     /// The YAML's `scale_by_std`: the latent scale is 1/std of the first batch's latents, stored in the
     /// checkpoint as `scale_factor`.
     scale_by_std: bool,
@@ -229,17 +232,7 @@ fn build(recipe: &LdmRecipe, device: &Device) -> Result<Setup> {
     let spec_store = init_store.as_ref().or(fs_store.as_ref()).unwrap_or(&empty);
     let spec = ModelSpec::from_original(&cfg, spec_store, &recipe.model.display().to_string())
         .map_err(model_err)?;
-    if spec.concat != ConcatSpec::None {
-        return Err(TrainError::invalid(
-            "model",
-            format!(
-                "{} is conditioned by concatenation ({}); `ldm train` trains class, text and unconditional \
-                 models so far",
-                recipe.model.display(),
-                spec.conditioning()
-            ),
-        ));
-    }
+    let concat = ConcatTraining::new(&spec, &recipe.masks)?;
     let varmap = VarMap::new();
     let vb = SeededVarMap::new(varmap.clone(), recipe.train.seed).var_builder(DType::F32, device);
     let tokenizer = builtin_tokenizer(&spec).map_err(model_err)?;
@@ -310,7 +303,8 @@ fn build(recipe: &LdmRecipe, device: &Device) -> Result<Setup> {
     };
     Ok(Setup {
         lora,
-        objective: DiffusionObjective::new(schedule, prediction),
+        objective: DiffusionObjective::new(schedule, prediction).with_loss_type(cfg.loss_type),
+        concat,
         scale_by_std: cfg.scale_by_std,
         spec,
         models,
@@ -437,8 +431,15 @@ pub fn train_ldm(
         recipe.data.size
     )));
 
-    // Encode the data set once (posterior moments), or per step.
-    let cache = if t.cache_latents {
+    // Encode the data set once (posterior moments), or per step: always for concatenation models, whose
+    // extra channels are made from each image (random masks, degraded copies).
+    if t.cache_latents && !s.concat.is_none() {
+        on_event(Event::Message(
+            "latents are encoded at every step: the concatenated condition is made from each image"
+                .into(),
+        ));
+    }
+    let cache = if t.cache_latents && s.concat.is_none() {
         let fs = &s.models.first_stage;
         let c = LatentCache::encode(&ds, t.batch_size, &device, |x| {
             Ok(encode_moments(fs, &match_channels(x, &s.spec)?)?)
@@ -452,6 +453,17 @@ pub fn train_ldm(
         None
     };
     let n = cache.as_ref().map_or(ds.len(), |c| c.len());
+    // Concatenation models show their work on the first training images.
+    let examples = if s.concat.is_none() {
+        None
+    } else {
+        let mut r = TorchRng::new(t.seed);
+        let k = recipe.sample.count.min(ds.len());
+        let items = (0..k)
+            .map(|i| Ok(ds.get(i, &mut r)?.image))
+            .collect::<Result<Vec<_>>>()?;
+        Some(match_channels(&Tensor::stack(&items, 0)?, &s.spec)?)
+    };
     let loader_cfg = LoaderConfig {
         batch_size: t.batch_size,
         shuffle: true,
@@ -567,24 +579,36 @@ pub fn train_ldm(
         let lora_unet = s.lora.as_ref().map(|l| l.unet(&s.spec)).transpose()?;
         let unet = lora_unet.as_ref().unwrap_or(&s.models.unet);
         for _ in 0..t.grad_accum {
-            let (moments, labels, captions) = match &cache {
+            let (moments, images, labels, captions) = match &cache {
                 Some(c) => {
                     let b = loader.next_batch(c, &device)?;
-                    (b.images, b.labels, b.captions)
+                    (b.images, None, b.labels, b.captions)
                 }
                 None => {
                     let b = loader.next_batch(&ds, &device)?;
-                    let m = encode_moments(
-                        &s.models.first_stage,
-                        &match_channels(&b.images, &s.spec)?,
-                    )?;
-                    (m.detach(), b.labels, b.captions)
+                    let x = match_channels(&b.images, &s.spec)?;
+                    let m = encode_moments(&s.models.first_stage, &x)?;
+                    (m.detach(), Some(x), b.labels, b.captions)
                 }
             };
             let z0 = sample_latent(&s.spec, &moments, latent_scale, &mut rng)?;
+            let concat = match &images {
+                Some(x) => s.concat.inputs(
+                    x,
+                    s.spec.vae_factor(),
+                    &s.models.first_stage,
+                    latent_scale,
+                    &mut rng,
+                )?,
+                None => Default::default(),
+            };
             let ctx = context(&s, &labels, &captions, t.cond_drop, &mut rng)?;
             let (loss, _) = s.objective.training_loss(&z0, &mut rng, |zt, tt| {
-                unet.forward_with(zt, tt, ctx.as_ref(), None)
+                let input = match &concat.extra {
+                    Some(e) => Tensor::cat(&[zt, e], 1)?,
+                    None => zt.clone(),
+                };
+                unet.forward_with(&input, tt, ctx.as_ref(), concat.y.as_ref())
             })?;
             loss_sum += loss.to_scalar::<f32>()? as f64;
             let grads = (loss / t.grad_accum as f64)?.backward()?;
@@ -624,6 +648,7 @@ pub fn train_ldm(
                 &opts.out.join("samples"),
                 recipe,
                 latent_scale,
+                examples.as_ref(),
                 &opts.out.join("samples").join(format!("step-{step:06}.png")),
             )?
             .1;
@@ -652,6 +677,7 @@ pub fn train_ldm(
         &opts.out,
         recipe,
         latent_scale,
+        examples.as_ref(),
         &opts.out.join("samples.png"),
     )?;
     on_event(Event::Saved(&exported));
@@ -664,12 +690,7 @@ pub fn train_ldm(
 
 /// Single-channel data for a 3-channel first stage is repeated over the channels.
 fn match_channels(x: &Tensor, spec: &ModelSpec) -> candle_core::Result<Tensor> {
-    let want = match &spec.first_stage {
-        FirstStageSpec::Kl(c) => c.ddconfig.in_channels,
-        FirstStageSpec::Vq(c) => c.ddconfig.in_channels,
-        FirstStageSpec::Identity { channels } => *channels,
-    };
-    if x.dim(1)? == 1 && want == 3 {
+    if x.dim(1)? == 1 && image_channels(spec) == 3 {
         x.repeat((1, 3, 1, 1))
     } else {
         Ok(x.clone())
@@ -678,11 +699,7 @@ fn match_channels(x: &Tensor, spec: &ModelSpec) -> candle_core::Result<Tensor> {
 
 fn check_data(s: &Setup, ds: &impl Dataset) -> Result<()> {
     let (c, _, _) = ds.sample_shape();
-    let want = match &s.spec.first_stage {
-        FirstStageSpec::Kl(cfg) => cfg.ddconfig.in_channels,
-        FirstStageSpec::Vq(cfg) => cfg.ddconfig.in_channels,
-        FirstStageSpec::Identity { channels } => *channels,
-    };
+    let want = image_channels(&s.spec);
     if c != want && !(c == 1 && want == 3) {
         return Err(TrainError::invalid(
             "data",
@@ -700,6 +717,7 @@ fn export_and_sample(
     dir: &Path,
     recipe: &LdmRecipe,
     latent_scale: f64,
+    examples: Option<&Tensor>,
     grid: &Path,
 ) -> Result<(PathBuf, PathBuf)> {
     let seed = recipe.train.seed;
@@ -708,13 +726,20 @@ fn export_and_sample(
             let path = dir.join("lora.safetensors");
             export_lora(l, ema, &path, init)?;
             let loras = [(path.clone(), 1.0)];
-            let g =
-                crate::grid::sample_grid(init, Some(&recipe.model), &loras, recipe, grid, seed)?;
+            let g = crate::grid::sample_grid(
+                init,
+                Some(&recipe.model),
+                &loras,
+                recipe,
+                examples,
+                grid,
+                seed,
+            )?;
             Ok((path, g))
         }
         _ => {
             let path = export(s, ema, &dir.join("model.safetensors"), recipe, latent_scale)?;
-            let g = crate::grid::sample_grid(&path, None, &[], recipe, grid, seed)?;
+            let g = crate::grid::sample_grid(&path, None, &[], recipe, examples, grid, seed)?;
             Ok((path, g))
         }
     }

@@ -3,6 +3,7 @@
 //! and LoRA, with optimiser, EMA, checkpoints that resume bit-exactly, and data readers.
 pub mod autoencoder;
 pub mod checkpoint;
+pub mod concat;
 pub mod data;
 pub mod diffusion;
 pub mod ema;

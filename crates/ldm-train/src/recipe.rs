@@ -237,6 +237,74 @@ impl LoraRecipe {
     }
 }
 
+/// `[masks]`: the random masks of inpainting training (SD inpainting's recipe: synthetic masks, and in a
+/// quarter of the examples everything masked). Each example is either fully masked (probability `full`) or
+/// gets `boxes` (a range) rectangles, each side a uniform fraction in [`min_side`, `max_side`] of the image's.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MaskSettings {
+    #[serde(default = "default_full_mask")]
+    pub full: f64,
+    #[serde(default = "default_boxes")]
+    pub boxes: (usize, usize),
+    #[serde(default = "default_min_side")]
+    pub min_side: f64,
+    #[serde(default = "default_max_side")]
+    pub max_side: f64,
+}
+
+fn default_full_mask() -> f64 {
+    0.25
+}
+fn default_boxes() -> (usize, usize) {
+    (1, 3)
+}
+fn default_min_side() -> f64 {
+    0.1
+}
+fn default_max_side() -> f64 {
+    0.5
+}
+
+impl Default for MaskSettings {
+    fn default() -> Self {
+        Self {
+            full: default_full_mask(),
+            boxes: default_boxes(),
+            min_side: default_min_side(),
+            max_side: default_max_side(),
+        }
+    }
+}
+
+impl MaskSettings {
+    pub fn validate(&self) -> Result<()> {
+        if !(0.0..=1.0).contains(&self.full) {
+            return Err(TrainError::invalid(
+                "masks.full",
+                format!("{} is not a probability", self.full),
+            ));
+        }
+        let (lo, hi) = self.boxes;
+        if lo == 0 || lo > hi || hi > 64 {
+            return Err(TrainError::invalid(
+                "masks.boxes",
+                format!("[{lo}, {hi}] is not a range of box counts in 1..=64"),
+            ));
+        }
+        if !(self.min_side > 0.0 && self.min_side <= self.max_side && self.max_side <= 1.0) {
+            return Err(TrainError::invalid(
+                "masks.min_side",
+                format!(
+                    "[{}, {}] is not a range of side fractions in (0, 1]",
+                    self.min_side, self.max_side
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// `ldm train`: a latent diffusion model on a trained first stage.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -253,6 +321,9 @@ pub struct LdmRecipe {
     pub sample: SampleSettings,
     /// Fine-tune LoRA adapters of `init` instead of the whole UNet.
     pub lora: Option<LoraRecipe>,
+    /// Random masks for inpainting models.
+    #[serde(default)]
+    pub masks: MaskSettings,
 }
 
 /// Loss settings of autoencoder training (LDM's `LPIPSWithDiscriminator` / `VQLPIPSWithDiscriminator`).
@@ -452,6 +523,7 @@ impl LdmRecipe {
         r.data.rebase(&base);
         r.data.validate()?;
         r.train.validate()?;
+        r.masks.validate()?;
         if r.sample.steps == 0 || r.sample.count == 0 {
             return Err(TrainError::invalid(
                 "sample",

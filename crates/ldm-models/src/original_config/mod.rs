@@ -10,7 +10,7 @@
 //! | YAML section (under `model.params`)  | here                                           |
 //! |--------------------------------------|------------------------------------------------|
 //! | `model.target`                       | [`DiffusionKind`] (or a standalone [`OriginalFirstStage`]) |
-//! | `linear_start`, `linear_end`, `timesteps`, `beta_schedule`, `parameterization` | fields of [`OriginalConfig`] |
+//! | `linear_start`, `linear_end`, `timesteps`, `beta_schedule`, `parameterization`, `loss_type` | fields of [`OriginalConfig`] |
 //! | `conditioning_key`, `concat_mode`, `cond_stage_config` | [`ConditioningKey`], resolved as the original does |
 //! | `unet_config`                        | [`OriginalUnet`]                               |
 //! | `first_stage_config`                 | [`OriginalFirstStage`]                         |
@@ -107,6 +107,16 @@ pub enum Parameterization {
     X0,
     /// v = √ᾱ·ε − √(1−ᾱ)·x₀ (SD 2 768-v, the x4 upscaler).
     V,
+}
+
+/// `loss_type`: the norm of the DDPM training loss (`DDPM.get_loss`), averaged over every element.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LossType {
+    /// Mean squared error (default).
+    #[default]
+    L2,
+    /// Mean absolute error (the paper's inpainting model, `models/ldm/inpainting_big`).
+    L1,
 }
 
 /// `beta_schedule` of `make_beta_schedule`, under the original names. Beware: the original `linear` is linear in
@@ -227,6 +237,8 @@ impl DiffusionKind {
 pub struct OriginalConfig {
     pub kind: DiffusionKind,
     pub parameterization: Parameterization,
+    /// The training loss's norm (default l2); no effect on inference.
+    pub loss_type: LossType,
     pub beta_schedule: BetaSchedule,
     /// Number of training timesteps T (default 1000).
     pub timesteps: usize,
@@ -484,7 +496,6 @@ fn noise_schedule(p: &Params<'_>) -> Parsed<NoiseSchedule> {
 const MODEL_HARMLESS: &[&str] = &[
     "num_timesteps_cond",
     "log_every_t",
-    "loss_type",
     "monitor",
     "use_ema",
     "cond_stage_trainable",
@@ -516,6 +527,11 @@ fn diffusion(class: Target, p: &Params<'_>, mut ignored: Vec<String>) -> Parsed<
         "x0" => Parameterization::X0,
         "v" => Parameterization::V,
         other => return Err(p.invalid("parameterization", other, "expected eps, x0 or v")),
+    };
+    let loss_type = match p.str_or("loss_type", "l2")?.as_str() {
+        "l2" => LossType::L2,
+        "l1" => LossType::L1,
+        other => return Err(p.invalid("loss_type", other, "expected l2 or l1")),
     };
     for key in ["given_betas", "cond_stage_forward"] {
         if let Some(v) = p.get(key) {
@@ -623,6 +639,7 @@ fn diffusion(class: Target, p: &Params<'_>, mut ignored: Vec<String>) -> Parsed<
     let cfg = OriginalConfig {
         kind,
         parameterization,
+        loss_type,
         beta_schedule: schedule.beta_schedule,
         timesteps: schedule.timesteps,
         linear_start: schedule.linear_start,

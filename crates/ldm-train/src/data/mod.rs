@@ -38,7 +38,7 @@ pub use idx::{
 };
 pub use latent_cache::LatentCache;
 pub use loader::{randperm, Batch, Loader, LoaderConfig, LoaderPosition};
-pub use transform::{Crop, ImageTransform, Resize, ResizeFilter};
+pub use transform::{resize_batch, Crop, ImageTransform, Resize, ResizeFilter};
 
 /// Pixel values of an [`HwcImage`], row-major `[H, W, C]`.
 #[derive(Debug, Clone, PartialEq)]

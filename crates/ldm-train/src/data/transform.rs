@@ -198,6 +198,54 @@ fn random_below(rng: &mut TorchRng, n: usize) -> usize {
     (rng.random_u32() as u64 % n as u64) as usize
 }
 
+/// Resizes a batch `[B, C, H, W]` of images in [−1, 1] (C = 1 or 3) to `[B, C, nh, nw]` with `filter`, as the
+/// data transform resizes (antialiased when shrinking, like PIL): the degradation of super-resolution training.
+pub fn resize_batch(
+    x: &candle_core::Tensor,
+    nh: usize,
+    nw: usize,
+    filter: ResizeFilter,
+) -> Result<candle_core::Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    if c != 1 && c != 3 || nh == 0 || nw == 0 {
+        return Err(TrainError::invalid(
+            "resize",
+            format!("cannot resize {:?} to {nh}×{nw}", x.dims()),
+        ));
+    }
+    let data = x
+        .to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let mut out: Vec<f32> = Vec::with_capacity(b * c * nh * nw);
+    for chw in data.chunks_exact(c * h * w) {
+        let mut hwc = vec![0f32; c * h * w];
+        for ch in 0..c {
+            for (i, v) in chw[ch * h * w..][..h * w].iter().enumerate() {
+                hwc[i * c + ch] = *v;
+            }
+        }
+        let img = HwcImage::new(h, w, c, Pixels::F32(hwc))?;
+        let r = match resize(&img, nh, nw, filter.filter_type()).pixels {
+            Pixels::F32(r) => r,
+            Pixels::U8(_) => {
+                return Err(TrainError::invalid(
+                    "resize",
+                    "f32 pixels came back as bytes",
+                ))
+            }
+        };
+        for ch in 0..c {
+            out.extend(r.iter().skip(ch).step_by(c));
+        }
+    }
+    Ok(candle_core::Tensor::from_vec(
+        out,
+        (b, c, nh, nw),
+        x.device(),
+    )?)
+}
+
 /// Resizes with the `image` crate; f32 images in [−1, 1] go through [0, 1], the range the crate clamps to.
 fn resize(image: &HwcImage, nh: usize, nw: usize, filter: FilterType) -> HwcImage {
     let (h, w, c) = (image.height as u32, image.width as u32, image.channels);
@@ -244,5 +292,57 @@ where
     match ImageBuffer::<P, Vec<P::Subpixel>>::from_raw(w, h, data) {
         Some(buf) => imageops::resize(&buf, nw, nh, filter).into_raw(),
         None => ImageBuffer::<P, Vec<P::Subpixel>>::new(nw, nh).into_raw(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Tensor};
+
+    #[test]
+    fn resize_batch_keeps_channels_and_images_apart() -> Result<()> {
+        // Two 3-channel 8×8 images: constant channels (−0.5, 0.25, 0.75) and (0.1, −0.9, 0.0); a constant stays
+        // the same constant through any normalised filter.
+        let consts = [[-0.5f32, 0.25, 0.75], [0.1, -0.9, 0.0]];
+        let data: Vec<f32> = consts
+            .iter()
+            .flat_map(|cs| cs.iter().flat_map(|&v| std::iter::repeat_n(v, 64)))
+            .collect();
+        let x = Tensor::from_vec(data, (2, 3, 8, 8), &Device::Cpu)?;
+        for filter in [
+            ResizeFilter::CatmullRom,
+            ResizeFilter::Triangle,
+            ResizeFilter::Lanczos3,
+        ] {
+            let y = resize_batch(&x, 4, 2, filter)?;
+            assert_eq!(y.dims(), &[2, 3, 4, 2]);
+            let v = y.flatten_all()?.to_vec1::<f32>()?;
+            for (i, chunk) in v.chunks_exact(8).enumerate() {
+                let want = consts[i / 3][i % 3];
+                assert!(
+                    chunk.iter().all(|&p| (p - want).abs() < 1e-5),
+                    "{filter:?} {i}: {chunk:?}"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn resize_batch_shrinks_a_ramp_to_its_local_means() -> Result<()> {
+        // A horizontal ramp x/15·2−1 over 16 columns shrunk 4× by the antialiased bilinear (triangle) filter:
+        // symmetric kernels keep a linear ramp linear, so output column j is the ramp at its centre 4j + 1.5.
+        let row: Vec<f32> = (0..16).map(|x| x as f32 / 15.0 * 1.8 - 0.9).collect();
+        let data: Vec<f32> = (0..16).flat_map(|_| row.clone()).collect();
+        let x = Tensor::from_vec(data, (1, 1, 16, 16), &Device::Cpu)?;
+        let y = resize_batch(&x, 4, 4, ResizeFilter::Triangle)?;
+        let v = y.flatten_all()?.to_vec1::<f32>()?;
+        for (j, got) in v.iter().enumerate().take(3).skip(1) {
+            let want = (4.0 * j as f32 + 1.5) / 15.0 * 1.8 - 0.9;
+            assert!((got - want).abs() < 1e-4, "column {j}: {got} vs {want}");
+        }
+        assert!(resize_batch(&x, 0, 4, ResizeFilter::Triangle).is_err());
+        Ok(())
     }
 }
