@@ -536,3 +536,66 @@ fn a_text_to_image_model_trains_its_own_text_encoder_and_samples_from_prompts() 
     assert_eq!(first, std::fs::read(&img)?, "same seed, same image");
     Ok(())
 }
+
+/// An uncompressed IDX file (big-endian magic and sizes, then the bytes).
+fn idx(magic: u32, dims: &[u32], data: &[u8]) -> Vec<u8> {
+    let mut out = magic.to_be_bytes().to_vec();
+    for d in dims {
+        out.extend(d.to_be_bytes());
+    }
+    out.extend(data);
+    out
+}
+
+#[test]
+fn grey_mnist_style_data_trains_an_rgb_autoencoder() -> R {
+    // Eight 16² grey images in MNIST's IDX format for the 3-channel tiny autoencoder: grey is repeated over
+    // RGB, as `ldm train` does for its first stage.
+    let dir = tempfile::tempdir()?;
+    let d = dir.path().join("mnist");
+    std::fs::create_dir_all(&d)?;
+    let pixels: Vec<u8> = (0..8 * 16 * 16).map(|i| (i * 13 % 251) as u8).collect();
+    std::fs::write(
+        d.join("train-images-idx3-ubyte"),
+        idx(0x0803, &[8, 16, 16], &pixels),
+    )?;
+    std::fs::write(
+        d.join("train-labels-idx1-ubyte"),
+        idx(0x0801, &[8], &[0, 1, 2, 3, 4, 5, 6, 7]),
+    )?;
+    let recipe = |layers: usize| {
+        format!(
+            "model = \"{}\"\n[data]\nmnist = \"{}\"\nsize = 16\nholdout = 0.25\n[train]\nsteps = 2\nbatch_size = 2\nlr = 1e-4\n[loss]\ndisc_start = 100\ndisc_layers = {layers}\n",
+            recipes().join("ae-kl-f2.yaml").display(),
+            d.display()
+        )
+    };
+    // The default 3-layer PatchGAN does not fit 16² images: a clear error before training.
+    let toml = write(&dir.path().join("ae3.toml"), &recipe(3))?;
+    let out = ldm(&[
+        "train-autoencoder",
+        "--config",
+        &toml,
+        "--out",
+        &dir.path().join("r3").display().to_string(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("disc_layers") && err.contains("24 px"),
+        "{err}"
+    );
+    let toml = write(&dir.path().join("ae.toml"), &recipe(2))?;
+    let run = dir.path().join("run");
+    let out = ldm(&[
+        "train-autoencoder",
+        "--config",
+        &toml,
+        "--out",
+        &run.display().to_string(),
+    ]);
+    ok(&out);
+    assert!(run.join("model.safetensors").is_file());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("held-out PSNR"));
+    Ok(())
+}

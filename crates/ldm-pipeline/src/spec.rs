@@ -65,6 +65,14 @@ impl FirstStageSpec {
             Self::Identity { .. } => 1,
         }
     }
+    /// Channels of the images it encodes and decodes.
+    pub fn image_channels(&self) -> usize {
+        match self {
+            Self::Kl(c) => c.ddconfig.in_channels,
+            Self::Vq(c) => c.ddconfig.in_channels,
+            Self::Identity { channels } => *channels,
+        }
+    }
     pub fn latent_channels(&self) -> usize {
         match self {
             Self::Kl(c) => c.embed_dim,

@@ -38,7 +38,7 @@ use crate::recipe::AutoencoderRecipe;
 use crate::run::{
     after_step, close_run, load_checkpoint, open_run, Event, RunOptions, StepClock, Summary,
 };
-use crate::setup::{open_dataset, split_holdout, vars_under};
+use crate::setup::{check_channels, match_channels, open_dataset, split_holdout, vars_under};
 
 /// β of the VQ commitment term (the LDM/taming default).
 const VQ_BETA: f64 = 0.25;
@@ -173,21 +173,32 @@ fn build(
     let spec = first_stage_from_original(&first).map_err(model_err)?;
     let vb = SeededVarMap::new(varmap.clone(), recipe.train.seed).var_builder(DType::F32, device);
     let l = &recipe.loss;
-    let in_ch = match &spec {
-        FirstStageSpec::Kl(c) => c.ddconfig.in_channels,
-        FirstStageSpec::Vq(c) => c.ddconfig.in_channels,
-        FirstStageSpec::Identity { .. } => {
-            return Err(TrainError::invalid(
-                "model",
-                "an identity first stage has nothing to train",
-            ))
-        }
-    };
+    if matches!(spec, FirstStageSpec::Identity { .. }) {
+        return Err(TrainError::invalid(
+            "model",
+            "an identity first stage has nothing to train",
+        ));
+    }
+    let in_ch = spec.image_channels();
     let disc = DiscriminatorConfig {
         input_nc: in_ch,
         ndf: l.disc_channels,
         n_layers: l.disc_layers,
     };
+    if disc.output_side(recipe.data.size).is_none() {
+        return Err(TrainError::invalid(
+            "loss.disc_layers",
+            format!(
+                "a {}-layer PatchGAN discriminator needs images of at least {} px; these are {} px (use fewer \
+                 disc_layers)",
+                l.disc_layers,
+                (1..4096)
+                    .find(|&s| disc.output_side(s).is_some())
+                    .unwrap_or(4096),
+                recipe.data.size
+            ),
+        ));
+    }
     let perc = perceptual(recipe, device)?;
     let model = match &spec {
         FirstStageSpec::Kl(c) => {
@@ -228,7 +239,13 @@ fn build(
 }
 
 /// Mean PSNR and SSIM of the held-out images (posterior mode), and a grid of the first few.
-fn evaluate(model: &Model, held: &ImageDataset, batch: usize, grid: &Path) -> Result<(f64, f64)> {
+fn evaluate(
+    model: &Model,
+    held: &ImageDataset,
+    channels: usize,
+    batch: usize,
+    grid: &Path,
+) -> Result<(f64, f64)> {
     let (mut psnr, mut ssim) = (Vec::new(), Vec::new());
     let n = held.len();
     let mut shown: Option<(Tensor, Tensor)> = None;
@@ -236,7 +253,7 @@ fn evaluate(model: &Model, held: &ImageDataset, batch: usize, grid: &Path) -> Re
         let items: Vec<Tensor> = (start..(start + batch).min(n))
             .map(|i| held.get_plain(i).map(|s| s.image))
             .collect::<Result<_>>()?;
-        let x = Tensor::stack(&items, 0)?;
+        let x = match_channels(&Tensor::stack(&items, 0)?, channels)?;
         let y = model.reconstruct(&x, None)?.clamp(-1f32, 1f32)?;
         let (x01, y01) = (((&x + 1.0)? / 2.0)?, ((&y + 1.0)? / 2.0)?);
         let (s, p) = eval_metrics(&x01, &y01, 1.0)?;
@@ -272,7 +289,8 @@ pub fn train_autoencoder(
     }
     let (ckpts, resume_from) = open_run(opts, t.keep_checkpoints)?;
     let varmap = VarMap::new();
-    let (model, _spec) = build(recipe, &varmap, &device)?;
+    let (model, spec) = build(recipe, &varmap, &device)?;
+    let channels = spec.image_channels();
     if let Model::Kl(_, l) = &model {
         if let Some(n) = l.perceptual().notice() {
             on_event(Event::Message(n.to_string()));
@@ -306,6 +324,7 @@ pub fn train_autoencoder(
     if let Some(r) = report.filter(|r| !r.skipped.is_empty()) {
         on_event(Event::Message(format!("data: {r}")));
     }
+    check_channels(&ds, channels)?;
     let (train, held) = split_holdout(ds, recipe.data.holdout, t.seed)?;
     on_event(Event::Message(format!(
         "data: {} training and {} held-out images of {}²",
@@ -392,7 +411,7 @@ pub fn train_autoencoder(
             interrupted = true;
             break;
         }
-        let x = loader.next_batch(&train, &device)?.images;
+        let x = match_channels(&loader.next_batch(&train, &device)?.images, channels)?;
         let lr = schedule.lr_at(step, t.lr);
         let mut gen = model.generator_step(&x, step, &mut rng)?;
         if let Some(max) = t.clip_grad_norm {
@@ -429,7 +448,7 @@ pub fn train_autoencoder(
                     .out
                     .join("samples")
                     .join(format!("recon-{step:06}.png"));
-                let (psnr, ssim) = evaluate(&model, h, t.batch_size, &grid)?;
+                let (psnr, ssim) = evaluate(&model, h, channels, t.batch_size, &grid)?;
                 log.write("eval", step, elapsed, &[("psnr", psnr), ("ssim", ssim)])?;
                 on_event(Event::Message(format!(
                     "step {step}: held-out PSNR {psnr:.2} dB, SSIM {ssim:.4}"
@@ -453,7 +472,7 @@ pub fn train_autoencoder(
     }
     if let Some(h) = &held {
         let grid = opts.out.join("reconstructions.png");
-        let (psnr, ssim) = evaluate(&model, h, t.batch_size, &grid)?;
+        let (psnr, ssim) = evaluate(&model, h, channels, t.batch_size, &grid)?;
         log.write("eval", step, elapsed, &[("psnr", psnr), ("ssim", ssim)])?;
         on_event(Event::Message(format!(
             "held-out PSNR {psnr:.2} dB, SSIM {ssim:.4} ({} images)",

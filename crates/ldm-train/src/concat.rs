@@ -61,11 +61,7 @@ fn model_err(e: impl std::fmt::Display) -> TrainError {
 
 /// Image channels of a first stage.
 pub fn image_channels(spec: &ModelSpec) -> usize {
-    match &spec.first_stage {
-        FirstStageSpec::Kl(c) => c.ddconfig.in_channels,
-        FirstStageSpec::Vq(c) => c.ddconfig.in_channels,
-        FirstStageSpec::Identity { channels } => *channels,
-    }
+    spec.first_stage.image_channels()
 }
 
 impl ConcatTraining {

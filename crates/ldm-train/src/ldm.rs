@@ -689,24 +689,12 @@ pub fn train_ldm(
 }
 
 /// Single-channel data for a 3-channel first stage is repeated over the channels.
-fn match_channels(x: &Tensor, spec: &ModelSpec) -> candle_core::Result<Tensor> {
-    if x.dim(1)? == 1 && image_channels(spec) == 3 {
-        x.repeat((1, 3, 1, 1))
-    } else {
-        Ok(x.clone())
-    }
+fn match_channels(x: &Tensor, spec: &ModelSpec) -> Result<Tensor> {
+    crate::setup::match_channels(x, image_channels(spec))
 }
 
 fn check_data(s: &Setup, ds: &impl Dataset) -> Result<()> {
-    let (c, _, _) = ds.sample_shape();
-    let want = image_channels(&s.spec);
-    if c != want && !(c == 1 && want == 3) {
-        return Err(TrainError::invalid(
-            "data",
-            format!("the images have {c} channels, the first stage takes {want}"),
-        ));
-    }
-    Ok(())
+    crate::setup::check_channels(ds, image_channels(&s.spec))
 }
 
 /// Exports into `dir` (`model.safetensors` + `model.yaml`, or `lora.safetensors` for a LoRA run) and samples a

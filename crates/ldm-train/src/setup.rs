@@ -3,14 +3,14 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
 use ldm_core::rng::TorchRng;
 use ldm_core::weights::{SafetensorsFile, WeightStore};
 
 use crate::data::{
     find_idx_pair, load_idx_dataset, open_image_folder, randperm, ColorMode, Crop, DataReport,
-    FolderOptions, IdxOptions, IdxSplit, ImageDataset, ImageTransform, LabelSource,
+    Dataset, FolderOptions, IdxOptions, IdxSplit, ImageDataset, ImageTransform, LabelSource,
 };
 use crate::error::{Result, TrainError};
 use crate::recipe::{self, DataRecipe};
@@ -197,4 +197,26 @@ pub fn load_into(
 /// The device and dtype training runs in.
 pub fn train_device() -> (Device, DType) {
     (Device::Cpu, DType::F32)
+}
+
+/// Single-channel images for a 3-channel model are repeated over the channels (grey → RGB); others pass as they
+/// are ([`check_channels`] has refused other mismatches).
+pub fn match_channels(x: &Tensor, want: usize) -> Result<Tensor> {
+    if x.dim(1)? == 1 && want == 3 {
+        Ok(x.repeat((1, 3, 1, 1))?)
+    } else {
+        Ok(x.clone())
+    }
+}
+
+/// The data set's images have the channels a model takes (`want`), or are grey for an RGB model.
+pub fn check_channels(ds: &impl Dataset, want: usize) -> Result<()> {
+    let (c, _, _) = ds.sample_shape();
+    if c != want && !(c == 1 && want == 3) {
+        return Err(TrainError::invalid(
+            "data",
+            format!("the images have {c} channels, the model takes {want}"),
+        ));
+    }
+    Ok(())
 }

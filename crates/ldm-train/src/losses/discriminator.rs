@@ -46,6 +46,21 @@ impl Default for DiscriminatorConfig {
     }
 }
 
+impl DiscriminatorConfig {
+    /// The side of the logit map for an input of side `side` (4×4 convolutions with padding 1: `n_layers` of
+    /// stride 2, then two of stride 1), or `None` when the input is too small for this many layers.
+    pub fn output_side(&self, side: usize) -> Option<usize> {
+        let mut s = side;
+        for _ in 0..self.n_layers {
+            s = (s + 2).checked_sub(4)? / 2 + 1;
+        }
+        for _ in 0..2 {
+            s = (s + 2).checked_sub(4)? + 1;
+        }
+        (s > 0).then_some(s)
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Stage {
     conv: Conv2d,
@@ -259,6 +274,14 @@ mod tests {
         // 64 → 32 → 16 → 8 → 7 → 6: two stride-2 convs after the first, then two stride-1 4x4 convs.
         let y = d.forward_train(&Tensor::randn(0f32, 1.0, (2, 3, 64, 64), &Device::Cpu)?)?;
         assert_eq!(y.dims(), &[2, 1, 6, 6]);
+        let cfg = DiscriminatorConfig::default();
+        assert_eq!(cfg.output_side(64), Some(6));
+        // The smallest input a 3-layer PatchGAN takes: 24 → 12 → 6 → 3 → 2 → 1.
+        assert_eq!(cfg.output_side(24), Some(1));
+        let y = d.forward_train(&Tensor::randn(0f32, 1.0, (1, 3, 24, 24), &Device::Cpu)?)?;
+        assert_eq!(y.dims(), &[1, 1, 1, 1]);
+        assert_eq!(cfg.output_side(23), None);
+        assert_eq!(cfg.output_side(16), None);
         Ok(())
     }
 
