@@ -13,7 +13,8 @@
 //! Every block takes a [`VarBuilder`] positioned at its own key (e.g. `encoder.down.0.block.1`), so the
 //! module tree is the checkpoint key tree.
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
+use candle_nn::{Conv2dConfig, GroupNorm, VarBuilder};
+use ldm_kernels::Conv2d;
 
 /// GroupNorm epsilon of the original `Normalize` (and of diffusers' VAE).
 const NORM_EPS: f64 = 1e-6;
@@ -137,11 +138,11 @@ pub(crate) fn conv3x3(
         stride,
         ..Default::default()
     };
-    candle_nn::conv2d(in_ch, out_ch, 3, cfg, vb)
+    ldm_kernels::nn::conv2d(in_ch, out_ch, 3, cfg, vb)
 }
 
 pub(crate) fn conv1x1(in_ch: usize, out_ch: usize, vb: VarBuilder) -> Result<Conv2d> {
-    candle_nn::conv2d(in_ch, out_ch, 1, Conv2dConfig::default(), vb)
+    ldm_kernels::nn::conv2d(in_ch, out_ch, 1, Conv2dConfig::default(), vb)
 }
 
 /// `ResnetBlock` with `temb_channels = 0` (the first stage has no time embedding) and dropout off.

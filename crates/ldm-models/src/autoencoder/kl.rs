@@ -11,7 +11,8 @@
 //!
 //! Latents here are UNSCALED: multiplying by the latent scale factor (SD: 0.18215) is the pipeline's job.
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, VarBuilder};
+use candle_nn::VarBuilder;
+use ldm_kernels::Conv2d;
 use serde::{Deserialize, Serialize};
 
 use super::blocks::conv1x1;

@@ -14,7 +14,8 @@
 //! | `double_z`         | the encoder emits `2·z_channels` (mean and log-variance)                   |
 //! | `attn_type`        | `vanilla` (AttnBlock) or `none` (no attention at all, not even `mid.attn_1`) |
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, VarBuilder};
+use candle_nn::VarBuilder;
+use ldm_kernels::Conv2d;
 use serde::{Deserialize, Serialize};
 
 use super::blocks::{conv3x3, swish, AttnBlock, Downsample, Norm, ResnetBlock, Upsample};

@@ -77,7 +77,7 @@
 //! VAE of fixtures/sd1-tiny (one channel per GroupNorm group) a 512² decode moved by up to 255/255 (mean
 //! 32/255). Blending itself is exact: tiling a local operation reproduces it (tests/tiled_vae.rs).
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::Conv2d;
+use ldm_kernels::Conv2d;
 
 use super::blocks::{swish, GroupStats, Norm, ResnetBlock};
 use super::first_stage::{Encoded, FirstStage};

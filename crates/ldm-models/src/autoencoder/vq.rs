@@ -15,7 +15,8 @@
 //! Keys: `encoder.*`, `decoder.*`, `quant_conv`, `quantize.embedding.weight`, `post_quant_conv` under
 //! `first_stage_model`.
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, VarBuilder};
+use candle_nn::VarBuilder;
+use ldm_kernels::Conv2d;
 use serde::{Deserialize, Serialize};
 
 use super::blocks::conv1x1;

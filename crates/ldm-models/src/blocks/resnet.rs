@@ -19,7 +19,8 @@
 //!
 //! The 3×3 skip convolution (`use_conv=True`) is used by no UNet layout and is not built.
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use candle_nn::{Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use ldm_kernels::Conv2d;
 
 /// eps of `normalization()` (torch's GroupNorm default).
 pub const RES_GROUP_NORM_EPS: f64 = 1e-5;
@@ -29,7 +30,7 @@ pub(crate) fn conv3x3(in_ch: usize, out_ch: usize, vb: VarBuilder) -> Result<Con
         padding: 1,
         ..Default::default()
     };
-    candle_nn::conv2d(in_ch, out_ch, 3, cfg, vb)
+    ldm_kernels::nn::conv2d(in_ch, out_ch, 3, cfg, vb)
 }
 
 /// Resampling inside a ResBlock (`up=True` / `down=True` of the original).
@@ -111,7 +112,7 @@ impl ResBlock {
             None
         } else {
             let cfg = Conv2dConfig::default();
-            Some(candle_nn::conv2d(
+            Some(ldm_kernels::nn::conv2d(
                 in_channels,
                 out_channels,
                 1,

@@ -5,7 +5,8 @@
 //! | `Downsample` | 3×3 conv, stride 2, padding 1: H → ⌈H/2⌉ (`op`) | 2×2 average pooling, stride 2      |
 //! | `Upsample`   | nearest-neighbour ×2, then 3×3 conv, pad 1 (`conv`) | nearest-neighbour ×2           |
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
+use candle_nn::{Conv2dConfig, VarBuilder};
+use ldm_kernels::Conv2d;
 
 #[derive(Debug, Clone)]
 pub struct Downsample {
@@ -20,7 +21,7 @@ impl Downsample {
             ..Default::default()
         };
         Ok(Self {
-            op: Some(candle_nn::conv2d(
+            op: Some(ldm_kernels::nn::conv2d(
                 in_channels,
                 out_channels,
                 3,

@@ -18,7 +18,8 @@
 use super::attention::CrossAttention;
 use crate::ops::LayerNorm;
 use candle_core::{Module, Result, Tensor, D};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use candle_nn::{Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use ldm_kernels::Conv2d;
 
 /// eps of the transformer's `Normalize` GroupNorm.
 pub const TRANSFORMER_GROUP_NORM_EPS: f64 = 1e-6;
@@ -120,7 +121,7 @@ impl Projection {
         Ok(if linear {
             Projection::Linear(candle_nn::linear(in_dim, out_dim, vb)?)
         } else {
-            Projection::Conv(candle_nn::conv2d(
+            Projection::Conv(ldm_kernels::nn::conv2d(
                 in_dim,
                 out_dim,
                 1,

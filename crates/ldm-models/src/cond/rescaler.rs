@@ -12,7 +12,8 @@
 //! `[floor(i·in/out), ceil((i+1)·in/out))`. Every mode is separable, so each spatial axis is resampled by a
 //! `[out, in]` matrix.
 use candle_core::{DType, Module, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
+use candle_nn::{Conv2dConfig, VarBuilder};
+use ldm_kernels::Conv2d;
 use serde::{Deserialize, Serialize};
 
 use super::{CondError, Result};
@@ -238,9 +239,9 @@ impl SpatialRescaler {
                 let vb = vb.pp("channel_mapper");
                 let cfg = Conv2dConfig::default();
                 Some(if config.bias {
-                    candle_nn::conv2d(config.in_channels, out, 1, cfg, vb)?
+                    ldm_kernels::nn::conv2d(config.in_channels, out, 1, cfg, vb)?
                 } else {
-                    candle_nn::conv2d_no_bias(config.in_channels, out, 1, cfg, vb)?
+                    ldm_kernels::nn::conv2d_no_bias(config.in_channels, out, 1, cfg, vb)?
                 })
             }
         };

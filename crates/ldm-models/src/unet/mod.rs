@@ -30,7 +30,8 @@ use crate::blocks::resnet::{conv3x3, ResBlock, ResBlockOptions, Resample, RES_GR
 use crate::blocks::sample::{Downsample, Upsample};
 use crate::blocks::transformer::{SpatialTransformer, TransformerShape};
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{Conv2d, Embedding, GroupNorm, Linear, VarBuilder};
+use candle_nn::{Embedding, GroupNorm, Linear, VarBuilder};
+use ldm_kernels::Conv2d;
 
 /// One entry of a `TimestepEmbedSequential`.
 #[derive(Debug, Clone)]

@@ -37,7 +37,8 @@ use std::collections::BTreeMap;
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Module, Tensor, Var};
-use candle_nn::{Conv2d, Init, VarBuilder};
+use candle_nn::{Init, VarBuilder};
+use ldm_kernels::Conv2d;
 use ldm_models::autoencoder::DiagonalGaussian;
 #[cfg(doc)]
 use ldm_models::autoencoder::VectorQuantizer;

@@ -18,7 +18,8 @@
 //! `running_var` in the same `VarBuilder` (in a `VarMap` they are variables that never receive gradients:
 //! leave them out of the optimiser).
 use candle_core::{Module, Tensor};
-use candle_nn::{BatchNorm, Conv2d, Conv2dConfig, Init, VarBuilder};
+use candle_nn::{BatchNorm, Conv2dConfig, Init, VarBuilder};
+use ldm_kernels::Conv2d;
 use serde::{Deserialize, Serialize};
 
 use crate::{Result, TrainError};

@@ -108,7 +108,9 @@ impl Lpips {
         let mut total: Option<Tensor> = None;
         for ((a, b), w) in fx.iter().zip(fy.iter()).zip(self.heads.iter()) {
             let d = (unit_normalize(a)? - unit_normalize(b)?)?.sqr()?; // [B, C_k, h, w]
-            let r = d.conv2d(w, 0, 1, 1, 1)?.mean_keepdim(2)?.mean_keepdim(3)?; // [B, 1, 1, 1]
+            let r = ldm_kernels::conv2d(&d, w, ldm_kernels::ConvParams::default())?
+                .mean_keepdim(2)?
+                .mean_keepdim(3)?; // [B, 1, 1, 1]
             total = Some(match total {
                 None => r,
                 Some(t) => (t + r)?,

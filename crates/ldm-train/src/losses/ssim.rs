@@ -41,7 +41,12 @@ pub fn gaussian_taps() -> Vec<f64> {
 
 /// Separable "valid" Gaussian filtering of `[N, 1, H, W]` → `[N, 1, H − 10, W − 10]`.
 fn filter(x: &Tensor, taps_v: &Tensor, taps_h: &Tensor) -> Result<Tensor> {
-    Ok(x.conv2d(taps_v, 0, 1, 1, 1)?.conv2d(taps_h, 0, 1, 1, 1)?)
+    let p = ldm_kernels::ConvParams::default();
+    Ok(ldm_kernels::conv2d(
+        &ldm_kernels::conv2d(x, taps_v, p)?,
+        taps_h,
+        p,
+    )?)
 }
 
 /// The SSIM map `[B·C, 1, H − 10, W − 10]` of `x` and `y` `[B, C, H, W]` (f32, same shape).

@@ -9,7 +9,8 @@
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig};
+use candle_nn::Conv2dConfig;
+use ldm_kernels::Conv2d;
 
 use crate::{Result, TrainError};
 

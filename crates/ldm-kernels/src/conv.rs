@@ -1,0 +1,663 @@
+//! 2-D convolution (NCHW, f32, one group) on the CPU as im2col + GEMM, with its backward pass, as a candle
+//! custom op. candle's own CPU convolution is fast enough forward, but its backward pass runs the input gradient
+//! through a direct `conv_transpose2d` loop and the weight gradient as a convolution whose kernel is the whole
+//! output gradient; here all three products are GEMMs (the `gemm` crate candle's matmul uses):
+//!
+//! * forward: `y_n[Cout, P] = W[Cout, K] · col(x_n)[K, P]`,
+//! * input gradient: `dx_n = col2im(Wᵀ[K, Cout] · dy_n[Cout, P])`,
+//! * weight gradient: `dW[Cout, K] = Σ_n dy_n[Cout, P] · col(x_n)ᵀ[P, K]`,
+//!
+//! with K = Cin·kh·kw and P = Ho·Wo. A 1×1 convolution with stride 1 and no padding uses x_n as its own column
+//! matrix. Batches of at least as many items as threads run one item per task with a single-threaded GEMM;
+//! smaller batches run item by item with a parallel GEMM. The column buffer of one item is the only extra memory
+//! (K·P floats per task).
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+/// Stride, zero padding and dilation, the same in both directions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvParams {
+    pub stride: usize,
+    pub padding: usize,
+    pub dilation: usize,
+}
+
+impl Default for ConvParams {
+    fn default() -> Self {
+        Self {
+            stride: 1,
+            padding: 0,
+            dilation: 1,
+        }
+    }
+}
+
+/// Sizes of one convolution.
+#[derive(Debug, Clone, Copy)]
+struct Geometry {
+    n: usize,
+    cin: usize,
+    h: usize,
+    w: usize,
+    cout: usize,
+    kh: usize,
+    kw: usize,
+    ho: usize,
+    wo: usize,
+    p: ConvParams,
+}
+
+impl Geometry {
+    fn new(x: &[usize], k: &[usize], p: ConvParams) -> Result<Self> {
+        let (&[n, cin, h, w], &[cout, kcin, kh, kw]) = (x, k) else {
+            candle_core::bail!("conv2d: input {x:?} and kernel {k:?} must both be 4-D");
+        };
+        if kcin != cin {
+            candle_core::bail!(
+                "conv2d: input {x:?} has {cin} channels, the kernel {k:?} takes {kcin}"
+            );
+        }
+        if p.stride == 0 || p.dilation == 0 {
+            candle_core::bail!("conv2d: stride and dilation must be positive ({p:?})");
+        }
+        let out = |len: usize, k: usize| -> Option<usize> {
+            let span = p.dilation * (k - 1) + 1;
+            (len + 2 * p.padding)
+                .checked_sub(span)
+                .map(|r| r / p.stride + 1)
+        };
+        let (Some(ho), Some(wo)) = (out(h, kh), out(w, kw)) else {
+            candle_core::bail!("conv2d: input {x:?} is smaller than the kernel {k:?} with {p:?}");
+        };
+        Ok(Self {
+            n,
+            cin,
+            h,
+            w,
+            cout,
+            kh,
+            kw,
+            ho,
+            wo,
+            p,
+        })
+    }
+
+    /// Rows of the column matrix.
+    fn k(&self) -> usize {
+        self.cin * self.kh * self.kw
+    }
+
+    /// Output positions per item.
+    fn positions(&self) -> usize {
+        self.ho * self.wo
+    }
+
+    /// A 1×1, stride-1, unpadded convolution: the input is its own column matrix.
+    fn pointwise(&self) -> bool {
+        self.kh == 1 && self.kw == 1 && self.p.stride == 1 && self.p.padding == 0
+    }
+
+    fn in_len(&self) -> usize {
+        self.cin * self.h * self.w
+    }
+
+    fn out_len(&self) -> usize {
+        self.cout * self.positions()
+    }
+
+    /// The input coordinate of output coordinate `o` at kernel offset `k`, if inside.
+    fn source(&self, o: usize, k: usize, len: usize) -> Option<usize> {
+        (o * self.p.stride + k * self.p.dilation)
+            .checked_sub(self.p.padding)
+            .filter(|&i| i < len)
+    }
+}
+
+/// `col[K, P]` of one item `x[Cin, H, W]`.
+fn im2col(x: &[f32], g: &Geometry, col: &mut [f32]) {
+    let p = g.positions();
+    for c in 0..g.cin {
+        let plane = &x[c * g.h * g.w..][..g.h * g.w];
+        for ki in 0..g.kh {
+            for kj in 0..g.kw {
+                let row = &mut col[((c * g.kh + ki) * g.kw + kj) * p..][..p];
+                for oy in 0..g.ho {
+                    let out = &mut row[oy * g.wo..][..g.wo];
+                    let Some(iy) = g.source(oy, ki, g.h) else {
+                        out.fill(0.0);
+                        continue;
+                    };
+                    let src = &plane[iy * g.w..][..g.w];
+                    if g.p.stride == 1 {
+                        // ix = ox + off: one contiguous run between zero margins.
+                        let off = kj * g.p.dilation;
+                        let first = g.p.padding.saturating_sub(off).min(g.wo);
+                        let last = (g.w + g.p.padding).saturating_sub(off).min(g.wo).max(first);
+                        out[..first].fill(0.0);
+                        let start = first + off - g.p.padding;
+                        out[first..last].copy_from_slice(&src[start..start + (last - first)]);
+                        out[last..].fill(0.0);
+                    } else {
+                        for (ox, o) in out.iter_mut().enumerate() {
+                            *o = g.source(ox, kj, g.w).map_or(0.0, |ix| src[ix]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `dx[Cin, H, W] += col2im(dcol[K, P])` (dx starts zeroed).
+fn col2im_add(dcol: &[f32], g: &Geometry, dx: &mut [f32]) {
+    let p = g.positions();
+    for c in 0..g.cin {
+        let plane = &mut dx[c * g.h * g.w..][..g.h * g.w];
+        for ki in 0..g.kh {
+            for kj in 0..g.kw {
+                let row = &dcol[((c * g.kh + ki) * g.kw + kj) * p..][..p];
+                for oy in 0..g.ho {
+                    let Some(iy) = g.source(oy, ki, g.h) else {
+                        continue;
+                    };
+                    let src = &row[oy * g.wo..][..g.wo];
+                    let dst = &mut plane[iy * g.w..][..g.w];
+                    for (ox, v) in src.iter().enumerate() {
+                        if let Some(ix) = g.source(ox, kj, g.w) {
+                            dst[ix] += v;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A strided matrix view: `ptr[r·rs + c·cs]`.
+#[derive(Clone, Copy)]
+struct Mat<'a> {
+    data: &'a [f32],
+    rs: usize,
+    cs: usize,
+}
+
+/// `dst[m, n] (row-major, contiguous) = (dst if accumulate) + lhs[m, k] · rhs[k, n]`.
+fn matmul(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    accumulate: bool,
+    lhs: Mat<'_>,
+    rhs: Mat<'_>,
+    par: Parallelism,
+) {
+    assert!(dst.len() >= m * n, "gemm: destination too small");
+    let fits = |a: &Mat<'_>, rows: usize, cols: usize| {
+        rows == 0 || cols == 0 || (rows - 1) * a.rs + (cols - 1) * a.cs < a.data.len()
+    };
+    assert!(
+        fits(&lhs, m, k) && fits(&rhs, k, n),
+        "gemm: operand too small"
+    );
+    // SAFETY: the three views were checked above to lie inside their slices for the m×k, k×n and m×n index
+    // ranges gemm reads and writes; `dst` is an exclusive borrow and does not alias the shared operands.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.data.as_ptr(),
+            lhs.cs as isize,
+            lhs.rs as isize,
+            rhs.data.as_ptr(),
+            rhs.cs as isize,
+            rhs.rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
+fn threads() -> usize {
+    candle_core::utils::get_num_threads().max(1)
+}
+
+/// Runs `f(item, out_chunk, par)` for every item: in parallel with single-threaded GEMMs when there are at
+/// least as many items as threads, otherwise item by item with parallel GEMMs.
+fn per_item(
+    out: &mut [f32],
+    chunk: usize,
+    n: usize,
+    f: impl Fn(usize, &mut [f32], Parallelism) + Sync,
+) {
+    let t = threads();
+    if n >= t && t > 1 {
+        out.par_chunks_mut(chunk)
+            .enumerate()
+            .for_each(|(i, o)| f(i, o, Parallelism::None));
+    } else {
+        let par = if t > 1 {
+            Parallelism::Rayon(t)
+        } else {
+            Parallelism::None
+        };
+        for (i, o) in out.chunks_mut(chunk).enumerate() {
+            f(i, o, par);
+        }
+    }
+}
+
+fn forward(x: &[f32], k: &[f32], g: &Geometry) -> Vec<f32> {
+    let (kk, p) = (g.k(), g.positions());
+    let mut y = vec![0f32; g.n * g.out_len()];
+    per_item(&mut y, g.out_len(), g.n, |i, out, par| {
+        let xi = &x[i * g.in_len()..][..g.in_len()];
+        let lhs = Mat {
+            data: k,
+            rs: kk,
+            cs: 1,
+        };
+        if g.pointwise() {
+            matmul(
+                (g.cout, p, kk),
+                out,
+                false,
+                lhs,
+                Mat {
+                    data: xi,
+                    rs: p,
+                    cs: 1,
+                },
+                par,
+            );
+        } else {
+            let mut col = vec![0f32; kk * p];
+            im2col(xi, g, &mut col);
+            matmul(
+                (g.cout, p, kk),
+                out,
+                false,
+                lhs,
+                Mat {
+                    data: &col,
+                    rs: p,
+                    cs: 1,
+                },
+                par,
+            );
+        }
+    });
+    y
+}
+
+fn backward_input(dy: &[f32], k: &[f32], g: &Geometry) -> Vec<f32> {
+    let (kk, p) = (g.k(), g.positions());
+    let mut dx = vec![0f32; g.n * g.in_len()];
+    // Wᵀ[K, Cout]: element (r, co) at co·K + r.
+    let wt = Mat {
+        data: k,
+        rs: 1,
+        cs: kk,
+    };
+    per_item(&mut dx, g.in_len(), g.n, |i, out, par| {
+        let dyi = Mat {
+            data: &dy[i * g.out_len()..][..g.out_len()],
+            rs: p,
+            cs: 1,
+        };
+        if g.pointwise() {
+            matmul((kk, p, g.cout), out, false, wt, dyi, par);
+        } else {
+            let mut dcol = vec![0f32; kk * p];
+            matmul((kk, p, g.cout), &mut dcol, false, wt, dyi, par);
+            col2im_add(&dcol, g, out);
+        }
+    });
+    dx
+}
+
+fn backward_weight(x: &[f32], dy: &[f32], g: &Geometry) -> Vec<f32> {
+    let (kk, p) = (g.k(), g.positions());
+    let wlen = g.cout * kk;
+    // dW += dy_i[Cout, P] · col_iᵀ[P, K] for the items of one task.
+    let accumulate_items = |items: std::ops::Range<usize>, dw: &mut [f32], par: Parallelism| {
+        let mut col = if g.pointwise() {
+            Vec::new()
+        } else {
+            vec![0f32; kk * p]
+        };
+        for (j, i) in items.enumerate() {
+            let xi = &x[i * g.in_len()..][..g.in_len()];
+            let colt = if g.pointwise() {
+                Mat {
+                    data: xi,
+                    rs: 1,
+                    cs: p,
+                }
+            } else {
+                im2col(xi, g, &mut col);
+                Mat {
+                    data: &col,
+                    rs: 1,
+                    cs: p,
+                }
+            };
+            let dyi = Mat {
+                data: &dy[i * g.out_len()..][..g.out_len()],
+                rs: p,
+                cs: 1,
+            };
+            matmul((g.cout, kk, p), dw, j > 0, dyi, colt, par);
+        }
+    };
+    let t = threads();
+    if g.n >= t && t > 1 {
+        let per = g.n.div_ceil(t);
+        let partial: Vec<Vec<f32>> = (0..g.n.div_ceil(per))
+            .into_par_iter()
+            .map(|c| {
+                let mut dw = vec![0f32; wlen];
+                accumulate_items(
+                    c * per..((c + 1) * per).min(g.n),
+                    &mut dw,
+                    Parallelism::None,
+                );
+                dw
+            })
+            .collect();
+        let mut dw = vec![0f32; wlen];
+        for part in partial {
+            for (a, b) in dw.iter_mut().zip(part) {
+                *a += b;
+            }
+        }
+        dw
+    } else {
+        let par = if t > 1 {
+            Parallelism::Rayon(t)
+        } else {
+            Parallelism::None
+        };
+        let mut dw = vec![0f32; wlen];
+        accumulate_items(0..g.n, &mut dw, par);
+        dw
+    }
+}
+
+/// The contiguous f32 data of a storage.
+fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    let data = s.as_slice::<f32>()?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("conv2d: the {what} must be contiguous"),
+    }
+}
+
+struct Conv2dOp(ConvParams);
+
+impl CustomOp2 for Conv2dOp {
+    fn name(&self) -> &'static str {
+        "ldm-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = Geometry::new(l1.dims(), l2.dims(), self.0)?;
+        let y = forward(slice(s1, l1, "input")?, slice(s2, l2, "kernel")?, &g);
+        Ok((CpuStorage::F32(y), Shape::from((g.n, g.cout, g.ho, g.wo))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        k: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dy = dy.contiguous()?;
+        let dx = dy.apply_op2_no_bwd(
+            k,
+            &InputGrad {
+                params: self.0,
+                input: x.dims().to_vec(),
+            },
+        )?;
+        let dk = x.apply_op2_no_bwd(
+            &dy,
+            &WeightGrad {
+                params: self.0,
+                kernel: k.dims().to_vec(),
+            },
+        )?;
+        Ok((Some(dx), Some(dk)))
+    }
+}
+
+/// `dx` from (dy, kernel).
+struct InputGrad {
+    params: ConvParams,
+    input: Vec<usize>,
+}
+
+impl CustomOp2 for InputGrad {
+    fn name(&self) -> &'static str {
+        "ldm-conv2d-input-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = Geometry::new(&self.input, l2.dims(), self.params)?;
+        if l1.dims() != [g.n, g.cout, g.ho, g.wo] {
+            candle_core::bail!(
+                "conv2d backward: gradient {:?} does not match {g:?}",
+                l1.dims()
+            );
+        }
+        let dx = backward_input(slice(s1, l1, "gradient")?, slice(s2, l2, "kernel")?, &g);
+        Ok((CpuStorage::F32(dx), Shape::from(self.input.clone())))
+    }
+}
+
+/// `dW` from (x, dy).
+struct WeightGrad {
+    params: ConvParams,
+    kernel: Vec<usize>,
+}
+
+impl CustomOp2 for WeightGrad {
+    fn name(&self) -> &'static str {
+        "ldm-conv2d-weight-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = Geometry::new(l1.dims(), &self.kernel, self.params)?;
+        if l2.dims() != [g.n, g.cout, g.ho, g.wo] {
+            candle_core::bail!(
+                "conv2d backward: gradient {:?} does not match {g:?}",
+                l2.dims()
+            );
+        }
+        let dw = backward_weight(slice(s1, l1, "input")?, slice(s2, l2, "gradient")?, &g);
+        Ok((CpuStorage::F32(dw), Shape::from(self.kernel.clone())))
+    }
+}
+
+/// `x [N, Cin, H, W]` convolved with `kernel [Cout, Cin, kh, kw]` (cross-correlation, as torch): our kernels for
+/// f32 on the CPU, candle's `conv2d` elsewhere (other dtypes, CUDA). Differentiable in both arguments.
+pub fn conv2d(x: &Tensor, kernel: &Tensor, p: ConvParams) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 && kernel.dtype() == DType::F32 {
+        x.contiguous()?
+            .apply_op2(&kernel.contiguous()?, Conv2dOp(p))
+    } else {
+        x.conv2d(kernel, p.padding, p.stride, p.dilation, 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn max_rel(a: &Tensor, b: &Tensor) -> Result<f32> {
+        let d = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let s = b.abs()?.max_all()?.to_scalar::<f32>()?.max(1e-6);
+        Ok(d / s)
+    }
+
+    /// Forward and both gradients against candle's own convolution, over shapes that cover padding, stride,
+    /// dilation, 1×1 and non-square inputs, batches below and above the thread count.
+    #[test]
+    fn matches_candle_forward_and_backward() -> Result<()> {
+        let dev = Device::Cpu;
+        let cases: &[((usize, usize, usize, usize), (usize, usize), ConvParams)] = &[
+            (
+                (2, 3, 8, 8),
+                (4, 3),
+                ConvParams {
+                    stride: 1,
+                    padding: 1,
+                    dilation: 1,
+                },
+            ),
+            (
+                (1, 4, 9, 7),
+                (5, 3),
+                ConvParams {
+                    stride: 2,
+                    padding: 1,
+                    dilation: 1,
+                },
+            ),
+            ((3, 6, 8, 8), (2, 1), ConvParams::default()),
+            (
+                (5, 2, 10, 6),
+                (3, 3),
+                ConvParams {
+                    stride: 1,
+                    padding: 2,
+                    dilation: 2,
+                },
+            ),
+            (
+                (4, 3, 7, 7),
+                (2, 4),
+                ConvParams {
+                    stride: 2,
+                    padding: 1,
+                    dilation: 1,
+                },
+            ),
+            (
+                (2, 3, 6, 6),
+                (2, 3),
+                ConvParams {
+                    stride: 1,
+                    padding: 0,
+                    dilation: 1,
+                },
+            ),
+            (
+                (1, 3, 5, 5),
+                (2, 1),
+                ConvParams {
+                    stride: 2,
+                    padding: 0,
+                    dilation: 1,
+                },
+            ),
+        ];
+        for &((n, c, h, w), (co, k), p) in cases {
+            let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (n, c, h, w), &dev)?)?;
+            let kern = Var::from_tensor(&Tensor::randn(0f32, 1.0, (co, c, k, k), &dev)?)?;
+            let ours = conv2d(x.as_tensor(), kern.as_tensor(), p)?;
+            let theirs =
+                x.as_tensor()
+                    .conv2d(kern.as_tensor(), p.padding, p.stride, p.dilation, 1)?;
+            assert_eq!(ours.dims(), theirs.dims(), "{p:?}");
+            assert!(max_rel(&ours, &theirs)? < 1e-5, "forward {p:?}");
+            // A loss with a varied gradient: Σ y · r for a fixed random r.
+            let r = Tensor::randn(0f32, 1.0, ours.dims(), &dev)?;
+            let go = (ours * &r)?.sum_all()?.backward()?;
+            let gt = (theirs * &r)?.sum_all()?.backward()?;
+            for (name, v) in [("input", &x), ("kernel", &kern)] {
+                let (a, b) = (
+                    go.get(v).ok_or(candle_core::Error::Msg(name.into()))?,
+                    gt.get(v).ok_or(candle_core::Error::Msg(name.into()))?,
+                );
+                assert!(
+                    max_rel(a, b)? < 1e-5,
+                    "{name} gradient {p:?}: {}",
+                    max_rel(a, b)?
+                );
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn non_square_kernels_match_candle() -> Result<()> {
+        // SSIM's separable Gaussian: 11×1 then 1×11, "valid".
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 1, 16, 14), &dev)?)?;
+        let v = Tensor::randn(0f32, 1.0, (1, 1, 11, 1), &dev)?;
+        let h = Tensor::randn(0f32, 1.0, (1, 1, 1, 11), &dev)?;
+        let p = ConvParams::default();
+        let ours = conv2d(&conv2d(x.as_tensor(), &v, p)?, &h, p)?;
+        let theirs = x
+            .as_tensor()
+            .conv2d(&v, 0, 1, 1, 1)?
+            .conv2d(&h, 0, 1, 1, 1)?;
+        assert_eq!(ours.dims(), &[3, 1, 6, 4]);
+        assert!(max_rel(&ours, &theirs)? < 1e-5);
+        let go = ours.sqr()?.sum_all()?.backward()?;
+        let gt = theirs.sqr()?.sum_all()?.backward()?;
+        let (a, b) = (go.get(&x), gt.get(&x));
+        let (Some(a), Some(b)) = (a, b) else {
+            candle_core::bail!("no input gradient");
+        };
+        assert!(max_rel(a, b)? < 1e-5);
+        Ok(())
+    }
+
+    #[test]
+    fn bad_shapes_are_errors() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::zeros((1, 3, 4, 4), DType::F32, &dev)?;
+        let k = Tensor::zeros((2, 4, 3, 3), DType::F32, &dev)?;
+        assert!(
+            conv2d(&x, &k, ConvParams::default()).is_err(),
+            "channel mismatch"
+        );
+        let k = Tensor::zeros((2, 3, 5, 5), DType::F32, &dev)?;
+        assert!(
+            conv2d(&x, &k, ConvParams::default()).is_err(),
+            "kernel larger than the input"
+        );
+        Ok(())
+    }
+}

@@ -1,0 +1,105 @@
+//! A drop-in for `candle_nn::Conv2d` (same constructor, accessors, initialisation hints and `Module`) whose
+//! forward pass goes through [`crate::conv2d`]: our im2col + GEMM kernels with their backward pass for f32 on
+//! the CPU, candle's convolution otherwise (and for grouped convolutions).
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{Conv2dConfig, Init, VarBuilder};
+
+use crate::conv::{conv2d as kernel_conv2d, ConvParams};
+
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    config: Conv2dConfig,
+}
+
+impl Conv2d {
+    pub fn new(weight: Tensor, bias: Option<Tensor>, config: Conv2dConfig) -> Self {
+        Self {
+            weight,
+            bias,
+            config,
+        }
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    pub fn config(&self) -> &Conv2dConfig {
+        &self.config
+    }
+}
+
+impl Module for Conv2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let c = &self.config;
+        let y = if c.groups == 1 {
+            kernel_conv2d(
+                x,
+                &self.weight,
+                ConvParams {
+                    stride: c.stride,
+                    padding: c.padding,
+                    dilation: c.dilation,
+                },
+            )?
+        } else {
+            x.conv2d(&self.weight, c.padding, c.stride, c.dilation, c.groups)?
+        };
+        match &self.bias {
+            None => Ok(y),
+            Some(b) => y.broadcast_add(&b.reshape((1, b.dims1()?, 1, 1))?),
+        }
+    }
+}
+
+fn weight(
+    in_ch: usize,
+    out_ch: usize,
+    k: usize,
+    cfg: &Conv2dConfig,
+    vb: &VarBuilder,
+) -> Result<Tensor> {
+    vb.get_with_hints(
+        (out_ch, in_ch / cfg.groups, k, k),
+        "weight",
+        candle_nn::init::DEFAULT_KAIMING_NORMAL,
+    )
+}
+
+/// `candle_nn::conv2d` with our forward pass: the same variables and initialisation hints.
+pub fn conv2d(
+    in_ch: usize,
+    out_ch: usize,
+    k: usize,
+    cfg: Conv2dConfig,
+    vb: VarBuilder,
+) -> Result<Conv2d> {
+    let w = weight(in_ch, out_ch, k, &cfg, &vb)?;
+    let bound = 1. / (in_ch as f64).sqrt();
+    let b = vb.get_with_hints(
+        out_ch,
+        "bias",
+        Init::Uniform {
+            lo: -bound,
+            up: bound,
+        },
+    )?;
+    Ok(Conv2d::new(w, Some(b), cfg))
+}
+
+/// `candle_nn::conv2d_no_bias` with our forward pass.
+pub fn conv2d_no_bias(
+    in_ch: usize,
+    out_ch: usize,
+    k: usize,
+    cfg: Conv2dConfig,
+    vb: VarBuilder,
+) -> Result<Conv2d> {
+    Ok(Conv2d::new(weight(in_ch, out_ch, k, &cfg, &vb)?, None, cfg))
+}
