@@ -534,7 +534,8 @@ mod tests {
     #[test]
     fn matches_candle_forward_and_backward() -> Result<()> {
         let dev = Device::Cpu;
-        let cases: &[((usize, usize, usize, usize), (usize, usize), ConvParams)] = &[
+        type Case = ((usize, usize, usize, usize), (usize, usize), ConvParams);
+        let cases: &[Case] = &[
             (
                 (2, 3, 8, 8),
                 (4, 3),

@@ -3,6 +3,8 @@
 //! modules that use them.
 pub mod conv;
 pub mod nn;
+pub mod norm;
 
 pub use conv::{conv2d, ConvParams};
-pub use nn::Conv2d;
+pub use nn::{Conv2d, GroupNorm};
+pub use norm::{group_norm, silu};

@@ -103,3 +103,73 @@ pub fn conv2d_no_bias(
 ) -> Result<Conv2d> {
     Ok(Conv2d::new(weight(in_ch, out_ch, k, &cfg, &vb)?, None, cfg))
 }
+
+/// A drop-in for `candle_nn::GroupNorm` (same constructor and `Module`), through [`crate::group_norm`], with
+/// [`GroupNorm::forward_silu`] for the GroupNorm–SiLU pairs of the ResBlocks.
+#[derive(Debug, Clone)]
+pub struct GroupNorm {
+    weight: Tensor,
+    bias: Tensor,
+    num_groups: usize,
+    eps: f64,
+}
+
+impl GroupNorm {
+    pub fn new(
+        weight: Tensor,
+        bias: Tensor,
+        num_channels: usize,
+        num_groups: usize,
+        eps: f64,
+    ) -> Result<Self> {
+        if num_groups == 0 || !num_channels.is_multiple_of(num_groups) {
+            candle_core::bail!(
+                "GroupNorm: {num_channels} channels cannot be split into {num_groups} groups"
+            );
+        }
+        Ok(Self {
+            weight,
+            bias,
+            num_groups,
+            eps,
+        })
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub fn bias(&self) -> &Tensor {
+        &self.bias
+    }
+
+    /// SiLU(GroupNorm(x)) in one pass.
+    pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        crate::group_norm(x, &self.weight, &self.bias, self.num_groups, self.eps, true)
+    }
+}
+
+impl Module for GroupNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        crate::group_norm(
+            x,
+            &self.weight,
+            &self.bias,
+            self.num_groups,
+            self.eps,
+            false,
+        )
+    }
+}
+
+/// `candle_nn::group_norm` with our forward pass: the same variables and initialisation (ones, zeros).
+pub fn group_norm(
+    num_groups: usize,
+    num_channels: usize,
+    eps: f64,
+    vb: VarBuilder,
+) -> Result<GroupNorm> {
+    let weight = vb.get_with_hints(num_channels, "weight", Init::Const(1.))?;
+    let bias = vb.get_with_hints(num_channels, "bias", Init::Const(0.))?;
+    GroupNorm::new(weight, bias, num_channels, num_groups, eps)
+}

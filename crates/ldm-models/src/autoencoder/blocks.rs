@@ -13,8 +13,8 @@
 //! Every block takes a [`VarBuilder`] positioned at its own key (e.g. `encoder.down.0.block.1`), so the
 //! module tree is the checkpoint key tree.
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{Conv2dConfig, GroupNorm, VarBuilder};
-use ldm_kernels::Conv2d;
+use candle_nn::{Conv2dConfig, VarBuilder};
+use ldm_kernels::{Conv2d, GroupNorm};
 
 /// GroupNorm epsilon of the original `Normalize` (and of diffusers' VAE).
 const NORM_EPS: f64 = 1e-6;
@@ -25,7 +25,7 @@ pub const ATTN_SCORE_BUDGET_BYTES: usize = 256 << 20;
 
 /// `Normalize(in_channels)`: GroupNorm with `num_groups` groups and `eps = 1e-6`.
 pub fn normalize(channels: usize, num_groups: usize, vb: VarBuilder) -> Result<GroupNorm> {
-    candle_nn::group_norm(num_groups, channels, NORM_EPS, vb)
+    ldm_kernels::nn::group_norm(num_groups, channels, NORM_EPS, vb)
 }
 
 /// Per-(batch element, group) mean and (biased) variance of a feature map, as GroupNorm computes them.
@@ -116,6 +116,13 @@ impl Norm {
     }
 }
 
+impl Norm {
+    /// swish(norm(x)) in one pass.
+    pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        self.gn.forward_silu(x)
+    }
+}
+
 impl Module for Norm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.gn.forward(x)
@@ -123,7 +130,7 @@ impl Module for Norm {
 }
 
 pub(crate) fn swish(x: &Tensor) -> Result<Tensor> {
-    candle_nn::ops::silu(x)
+    ldm_kernels::silu(x)
 }
 
 pub(crate) fn conv3x3(
@@ -175,8 +182,8 @@ impl ResnetBlock {
 
 impl Module for ResnetBlock {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.conv1.forward(&swish(&self.norm1.forward(x)?)?)?;
-        let h = self.conv2.forward(&swish(&self.norm2.forward(&h)?)?)?;
+        let h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
+        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
         match &self.nin_shortcut {
             Some(shortcut) => shortcut.forward(x)? + h,
             None => x + h,

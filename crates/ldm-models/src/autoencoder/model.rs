@@ -18,7 +18,7 @@ use candle_nn::VarBuilder;
 use ldm_kernels::Conv2d;
 use serde::{Deserialize, Serialize};
 
-use super::blocks::{conv3x3, swish, AttnBlock, Downsample, Norm, ResnetBlock, Upsample};
+use super::blocks::{conv3x3, AttnBlock, Downsample, Norm, ResnetBlock, Upsample};
 
 fn default_num_groups() -> usize {
     32
@@ -219,7 +219,7 @@ impl Module for Encoder {
             h = level.forward(h)?;
         }
         let h = self.mid.forward(&h)?; // [B, ch·ch_mult[L-1], H/f, W/f]
-        self.conv_out.forward(&swish(&self.norm_out.forward(&h)?)?)
+        self.conv_out.forward(&self.norm_out.forward_silu(&h)?)
     }
 }
 
@@ -290,7 +290,7 @@ impl Decoder {
         for level in self.up.iter().rev() {
             h = level.forward(h)?;
         }
-        swish(&self.norm_out.forward(&h)?)
+        self.norm_out.forward_silu(&h)
     }
 
     /// The last layer, `conv_out` (3x3, `ch·ch_mult[0] → out_ch`).

@@ -915,7 +915,7 @@ impl Encoder {
         }
         let h = h.to_tensor(&ctx)?;
         let h = self.mid.forward(&h)?;
-        self.conv_out.forward(&swish(&self.norm_out.forward(&h)?)?)
+        self.conv_out.forward(&self.norm_out.forward_silu(&h)?)
     }
 }
 

@@ -20,7 +20,8 @@
 use super::attention::{attention, MAX_SCORE_BYTES};
 use super::resnet::RES_GROUP_NORM_EPS;
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{GroupNorm, Linear, VarBuilder};
+use candle_nn::{Linear, VarBuilder};
+use ldm_kernels::GroupNorm;
 
 #[derive(Debug, Clone)]
 pub struct AttentionBlock {
@@ -60,7 +61,12 @@ impl AttentionBlock {
             );
         }
         Ok(Self {
-            norm: candle_nn::group_norm(num_groups, channels, RES_GROUP_NORM_EPS, vb.pp("norm"))?,
+            norm: ldm_kernels::nn::group_norm(
+                num_groups,
+                channels,
+                RES_GROUP_NORM_EPS,
+                vb.pp("norm"),
+            )?,
             qkv: conv1x1_1d(channels, 3 * channels, vb.pp("qkv"))?,
             proj_out: conv1x1_1d(channels, channels, vb.pp("proj_out"))?,
             num_heads,

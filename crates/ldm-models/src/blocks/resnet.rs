@@ -19,8 +19,8 @@
 //!
 //! The 3×3 skip convolution (`use_conv=True`) is used by no UNet layout and is not built.
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2dConfig, GroupNorm, Linear, VarBuilder};
-use ldm_kernels::Conv2d;
+use candle_nn::{Conv2dConfig, Linear, VarBuilder};
+use ldm_kernels::{Conv2d, GroupNorm};
 
 /// eps of `normalization()` (torch's GroupNorm default).
 pub const RES_GROUP_NORM_EPS: f64 = 1e-5;
@@ -121,7 +121,7 @@ impl ResBlock {
             )?)
         };
         Ok(Self {
-            in_norm: candle_nn::group_norm(
+            in_norm: ldm_kernels::nn::group_norm(
                 num_groups,
                 in_channels,
                 RES_GROUP_NORM_EPS,
@@ -129,7 +129,7 @@ impl ResBlock {
             )?,
             in_conv: conv3x3(in_channels, out_channels, vi.pp("2"))?,
             emb_proj: candle_nn::linear(emb_channels, emb_out, vb.pp("emb_layers").pp("1"))?,
-            out_norm: candle_nn::group_norm(
+            out_norm: ldm_kernels::nn::group_norm(
                 num_groups,
                 out_channels,
                 RES_GROUP_NORM_EPS,
@@ -143,7 +143,7 @@ impl ResBlock {
 
     /// `x`: `[B, C_in, H, W]`, `emb`: `[B, E]` → `[B, C_out, H', W']` (H' = 2H, H/2 or H).
     pub fn forward(&self, x: &Tensor, emb: &Tensor) -> Result<Tensor> {
-        let h = self.in_norm.forward(x)?.silu()?;
+        let h = self.in_norm.forward_silu(x)?;
         let (h, x) = match self.options.resample {
             Some(r) => (r.apply(&h)?, r.apply(x)?),
             None => (h, x.clone()),
@@ -157,14 +157,16 @@ impl ResBlock {
         let h = if self.options.use_scale_shift_norm {
             let c = e.dim(1)? / 2;
             let (scale, shift) = (e.narrow(1, 0, c)?, e.narrow(1, c, c)?);
-            self.out_norm
+            let h = self
+                .out_norm
                 .forward(&h)?
                 .broadcast_mul(&(scale + 1.0)?)?
-                .broadcast_add(&shift)?
+                .broadcast_add(&shift)?;
+            ldm_kernels::silu(&h)?
         } else {
-            self.out_norm.forward(&h.broadcast_add(&e)?)?
+            self.out_norm.forward_silu(&h.broadcast_add(&e)?)?
         };
-        let h = self.out_conv.forward(&h.silu()?)?;
+        let h = self.out_conv.forward(&h)?;
         match &self.skip {
             Some(skip) => skip.forward(&x)? + h,
             None => x + h,

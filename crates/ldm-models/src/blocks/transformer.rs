@@ -18,8 +18,8 @@
 use super::attention::CrossAttention;
 use crate::ops::LayerNorm;
 use candle_core::{Module, Result, Tensor, D};
-use candle_nn::{Conv2dConfig, GroupNorm, Linear, VarBuilder};
-use ldm_kernels::Conv2d;
+use candle_nn::{Conv2dConfig, Linear, VarBuilder};
+use ldm_kernels::{Conv2d, GroupNorm};
 
 /// eps of the transformer's `Normalize` GroupNorm.
 pub const TRANSFORMER_GROUP_NORM_EPS: f64 = 1e-6;
@@ -157,7 +157,7 @@ impl SpatialTransformer {
     /// `vb` is positioned at the transformer (e.g. `input_blocks.1.1`).
     pub fn new(channels: usize, shape: &TransformerShape, vb: VarBuilder) -> Result<Self> {
         let inner = shape.num_heads * shape.head_dim;
-        let norm = candle_nn::group_norm(
+        let norm = ldm_kernels::nn::group_norm(
             shape.num_groups,
             channels,
             TRANSFORMER_GROUP_NORM_EPS,

@@ -30,8 +30,8 @@ use crate::blocks::resnet::{conv3x3, ResBlock, ResBlockOptions, Resample, RES_GR
 use crate::blocks::sample::{Downsample, Upsample};
 use crate::blocks::transformer::{SpatialTransformer, TransformerShape};
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{Embedding, GroupNorm, Linear, VarBuilder};
-use ldm_kernels::Conv2d;
+use candle_nn::{Embedding, Linear, VarBuilder};
+use ldm_kernels::{Conv2d, GroupNorm};
 
 /// One entry of a `TimestepEmbedSequential`.
 #[derive(Debug, Clone)]
@@ -251,7 +251,7 @@ impl Unet {
             input_blocks,
             middle_block,
             output_blocks,
-            out_norm: candle_nn::group_norm(
+            out_norm: ldm_kernels::nn::group_norm(
                 cfg.num_groups,
                 ch,
                 RES_GROUP_NORM_EPS,
@@ -331,7 +331,7 @@ impl Unet {
             let skip = skips.pop().expect("invariant: one skip per output block");
             h = block.forward(&Tensor::cat(&[&h, &skip], 1)?, &emb, context)?;
         }
-        self.out_conv.forward(&self.out_norm.forward(&h)?.silu()?) // [B, out_channels, H, W]
+        self.out_conv.forward(&self.out_norm.forward_silu(&h)?) // [B, out_channels, H, W]
     }
 
     /// Class labels as U32 `[B]`, each checked to be in `0..num_classes`.

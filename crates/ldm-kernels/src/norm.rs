@@ -1,0 +1,379 @@
+//! GroupNorm (Wu & He 2018), optionally fused with the SiLU that follows it in every ResBlock, and SiLU alone,
+//! as candle custom ops with backward passes (f32 on the CPU; candle's composite ops elsewhere). candle's
+//! GroupNorm and SiLU are chains of elementwise tensor ops, each a pass over memory with its own backward node;
+//! these are one pass forward and one backward, parallel over (item, group).
+//!
+//! Per group of m = (C/G)·H·W values: x̂ = (x − μ)·r with r = 1/√(σ² + ε) (biased variance), y = γ_c·x̂ + β_c,
+//! out = y (or y·s(y) with the logistic s). Backward, from g = ∂L/∂out: dy = g (or g·s(y)·(1 + y·(1 − s(y)))),
+//! dγ_c = Σ dy·x̂, dβ_c = Σ dy, and dx = r·(dx̂ − mean(dx̂) − x̂·mean(dx̂·x̂)) with dx̂ = γ_c·dy.
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    let data = s.as_slice::<f32>()?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("group_norm: the {what} must be contiguous"),
+    }
+}
+
+fn sigmoid(v: f32) -> f32 {
+    1.0 / (1.0 + (-v).exp())
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Norm {
+    groups: usize,
+    eps: f64,
+    silu: bool,
+}
+
+/// (N, C, spatial size) of an `[N, C, ...]` input, checked against the group count.
+fn sizes(dims: &[usize], groups: usize) -> Result<(usize, usize, usize)> {
+    if dims.len() < 2 || groups == 0 || !dims[1].is_multiple_of(groups) {
+        candle_core::bail!("group_norm: input {dims:?} cannot be split into {groups} groups");
+    }
+    Ok((dims[0], dims[1], dims[2..].iter().product()))
+}
+
+/// Mean and 1/√(var + ε) of one group, accumulated in f64.
+fn stats(x: &[f32], eps: f64) -> (f32, f32) {
+    let m = x.len() as f64;
+    let mean = x.iter().map(|&v| f64::from(v)).sum::<f64>() / m;
+    let var = x
+        .iter()
+        .map(|&v| (f64::from(v) - mean).powi(2))
+        .sum::<f64>()
+        / m;
+    (mean as f32, (1.0 / (var + eps).sqrt()) as f32)
+}
+
+impl CustomOp3 for Norm {
+    fn name(&self) -> &'static str {
+        if self.silu {
+            "ldm-group-norm-silu"
+        } else {
+            "ldm-group-norm"
+        }
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (_, c, hw) = sizes(l1.dims(), self.groups)?;
+        let (x, gamma, beta) = (
+            slice(s1, l1, "input")?,
+            slice(s2, l2, "weight")?,
+            slice(s3, l3, "bias")?,
+        );
+        if gamma.len() != c || beta.len() != c {
+            candle_core::bail!("group_norm: weight and bias must have {c} values");
+        }
+        let cg = c / self.groups;
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(cg * hw)
+            .zip(x.par_chunks(cg * hw))
+            .enumerate()
+            .for_each(|(i, (o, xg))| {
+                let (mean, r) = stats(xg, self.eps);
+                let c0 = (i % self.groups) * cg;
+                for (j, (oc, xc)) in o.chunks_mut(hw).zip(xg.chunks(hw)).enumerate() {
+                    let (a, b) = (gamma[c0 + j] * r, beta[c0 + j] - gamma[c0 + j] * r * mean);
+                    for (ov, &xv) in oc.iter_mut().zip(xc) {
+                        let y = a * xv + b;
+                        *ov = if self.silu { y * sigmoid(y) } else { y };
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let c = gamma.elem_count();
+        let params = Tensor::cat(&[gamma.flatten_all()?, beta.flatten_all()?], 0)?;
+        let packed = x.apply_op3_no_bwd(&params, &grad.contiguous()?, &NormGrad(*self))?;
+        let n = x.elem_count();
+        let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
+        let dgamma = packed.narrow(0, n, c)?.reshape(gamma.shape())?;
+        let dbeta = packed.narrow(0, n + c, c)?.reshape(beta.shape())?;
+        Ok((Some(dx), Some(dgamma), Some(dbeta)))
+    }
+}
+
+/// (x, [γ; β], g) → [dx; dγ; dβ] flattened.
+struct NormGrad(Norm);
+
+impl CustomOp3 for NormGrad {
+    fn name(&self) -> &'static str {
+        "ldm-group-norm-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let p = self.0;
+        let (_, c, hw) = sizes(l1.dims(), p.groups)?;
+        let (x, params, g) = (
+            slice(s1, l1, "input")?,
+            slice(s2, l2, "weight")?,
+            slice(s3, l3, "gradient")?,
+        );
+        if params.len() != 2 * c || g.len() != x.len() {
+            candle_core::bail!("group_norm backward: inconsistent sizes");
+        }
+        let (gamma, beta) = params.split_at(c);
+        let cg = c / p.groups;
+        let mut dx = vec![0f32; x.len()];
+        // Per (item, group): dx and the group's per-channel Σ dy·x̂ and Σ dy.
+        let partial: Vec<(Vec<f32>, Vec<f32>)> = dx
+            .par_chunks_mut(cg * hw)
+            .zip(x.par_chunks(cg * hw).zip(g.par_chunks(cg * hw)))
+            .enumerate()
+            .map(|(i, (dxg, (xg, gg)))| {
+                let (mean, r) = stats(xg, p.eps);
+                let c0 = (i % p.groups) * cg;
+                let (mut dgam, mut dbet) = (vec![0f32; cg], vec![0f32; cg]);
+                let (mut s1, mut s2) = (0f64, 0f64); // Σ dx̂, Σ dx̂·x̂
+                for j in 0..cg {
+                    let (ga, be) = (gamma[c0 + j], beta[c0 + j]);
+                    let (xc, gc) = (&xg[j * hw..][..hw], &gg[j * hw..][..hw]);
+                    let dc = &mut dxg[j * hw..][..hw];
+                    let (mut dg, mut db) = (0f64, 0f64);
+                    for ((d, &xv), &gv) in dc.iter_mut().zip(xc).zip(gc) {
+                        let xh = (xv - mean) * r;
+                        let dy = if p.silu {
+                            let y = ga * xh + be;
+                            let s = sigmoid(y);
+                            gv * s * (1.0 + y * (1.0 - s))
+                        } else {
+                            gv
+                        };
+                        dg += f64::from(dy * xh);
+                        db += f64::from(dy);
+                        let dxh = dy * ga;
+                        s1 += f64::from(dxh);
+                        s2 += f64::from(dxh * xh);
+                        *d = dxh; // finished below
+                    }
+                    dgam[j] = dg as f32;
+                    dbet[j] = db as f32;
+                }
+                let m = (cg * hw) as f64;
+                let (m1, m2) = ((s1 / m) as f32, (s2 / m) as f32);
+                for (d, &xv) in dxg.iter_mut().zip(xg) {
+                    let xh = (xv - mean) * r;
+                    *d = r * (*d - m1 - xh * m2);
+                }
+                (dgam, dbet)
+            })
+            .collect();
+        let mut out = dx;
+        let (mut dgamma, mut dbeta) = (vec![0f32; c], vec![0f32; c]);
+        for (i, (dg, db)) in partial.into_iter().enumerate() {
+            let c0 = (i % p.groups) * cg;
+            for j in 0..cg {
+                dgamma[c0 + j] += dg[j];
+                dbeta[c0 + j] += db[j];
+            }
+        }
+        out.extend(dgamma);
+        out.extend(dbeta);
+        let len = out.len();
+        Ok((CpuStorage::F32(out), Shape::from(len)))
+    }
+}
+
+/// GroupNorm of `x [N, C, ...]` with `groups` groups, weight and bias `[C]`, then SiLU when `silu`.
+/// Differentiable in all three; our kernels for f32 on the CPU, candle's ops otherwise.
+pub fn group_norm(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    groups: usize,
+    eps: f64,
+    silu: bool,
+) -> Result<Tensor> {
+    if x.device().is_cpu() && [x.dtype(), gamma.dtype(), beta.dtype()] == [DType::F32; 3] {
+        return x.contiguous()?.apply_op3(
+            &gamma.contiguous()?,
+            &beta.contiguous()?,
+            Norm { groups, eps, silu },
+        );
+    }
+    let c = x.dim(1)?;
+    let gn = candle_nn::GroupNorm::new(gamma.clone(), beta.clone(), c, groups, eps)?;
+    let y = candle_core::Module::forward(&gn, x)?;
+    if silu {
+        candle_nn::ops::silu(&y)
+    } else {
+        Ok(y)
+    }
+}
+
+struct Silu;
+
+impl CustomOp1 for Silu {
+    fn name(&self) -> &'static str {
+        "ldm-silu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s, l, "input")?;
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(1 << 14)
+            .zip(x.par_chunks(1 << 14))
+            .for_each(|(o, xs)| {
+                for (o, &v) in o.iter_mut().zip(xs) {
+                    *o = v * sigmoid(v);
+                }
+            });
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(x.apply_op2_no_bwd(&grad.contiguous()?, &SiluGrad)?))
+    }
+}
+
+struct SiluGrad;
+
+impl candle_core::CustomOp2 for SiluGrad {
+    fn name(&self) -> &'static str {
+        "ldm-silu-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, g) = (slice(s1, l1, "input")?, slice(s2, l2, "gradient")?);
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(1 << 14)
+            .zip(x.par_chunks(1 << 14).zip(g.par_chunks(1 << 14)))
+            .for_each(|(o, (xs, gs))| {
+                for ((o, &v), &gv) in o.iter_mut().zip(xs).zip(gs) {
+                    let s = sigmoid(v);
+                    *o = gv * s * (1.0 + v * (1.0 - s));
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// x·s(x), differentiable; our kernel for f32 on the CPU, candle's otherwise.
+pub fn silu(x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        x.contiguous()?.apply_op1(Silu)
+    } else {
+        candle_nn::ops::silu(x)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Module, Var};
+
+    fn max_rel(a: &Tensor, b: &Tensor) -> Result<f32> {
+        let d = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let s = b.abs()?.max_all()?.to_scalar::<f32>()?.max(1e-6);
+        Ok(d / s)
+    }
+
+    #[test]
+    fn group_norm_and_silu_match_candle_forward_and_backward() -> Result<()> {
+        let dev = Device::Cpu;
+        for (shape, groups, silu) in [
+            ((2usize, 8usize, 5usize, 3usize), 4usize, false),
+            ((3, 8, 4, 4), 2, true),
+            ((1, 6, 7, 1), 3, true),
+            ((4, 4, 2, 2), 4, false),
+        ] {
+            let x = Var::from_tensor(&(Tensor::randn(0f32, 2.0, shape, &dev)? + 0.5)?)?;
+            let c = shape.1;
+            let gamma = Var::from_tensor(&Tensor::randn(1f32, 0.3, c, &dev)?)?;
+            let beta = Var::from_tensor(&Tensor::randn(0f32, 0.3, c, &dev)?)?;
+            let ours = group_norm(
+                x.as_tensor(),
+                gamma.as_tensor(),
+                beta.as_tensor(),
+                groups,
+                1e-5,
+                silu,
+            )?;
+            let gn = candle_nn::GroupNorm::new(
+                gamma.as_tensor().clone(),
+                beta.as_tensor().clone(),
+                c,
+                groups,
+                1e-5,
+            )?;
+            let theirs = gn.forward(x.as_tensor())?;
+            let theirs = if silu {
+                candle_nn::ops::silu(&theirs)?
+            } else {
+                theirs
+            };
+            assert!(max_rel(&ours, &theirs)? < 1e-5, "forward {shape:?}");
+            let r = Tensor::randn(0f32, 1.0, ours.dims(), &dev)?;
+            let go = (ours * &r)?.sum_all()?.backward()?;
+            let gt = (theirs * &r)?.sum_all()?.backward()?;
+            for (name, v) in [("x", &x), ("gamma", &gamma), ("beta", &beta)] {
+                let (Some(a), Some(b)) = (go.get(v), gt.get(v)) else {
+                    candle_core::bail!("{name}: no gradient");
+                };
+                let e = max_rel(a, b)?;
+                assert!(e < 1e-4, "{name} gradient {shape:?} silu {silu}: {e}");
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn silu_matches_candle_forward_and_backward() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 3.0, (3, 5, 7), &dev)?)?;
+        let ours = silu(x.as_tensor())?;
+        let theirs = candle_nn::ops::silu(x.as_tensor())?;
+        assert!(max_rel(&ours, &theirs)? < 1e-6);
+        let r = Tensor::randn(0f32, 1.0, (3, 5, 7), &dev)?;
+        let go = (ours * &r)?.sum_all()?.backward()?;
+        let gt = (theirs * &r)?.sum_all()?.backward()?;
+        let (Some(a), Some(b)) = (go.get(&x), gt.get(&x)) else {
+            candle_core::bail!("no gradient");
+        };
+        assert!(max_rel(a, b)? < 1e-5);
+        Ok(())
+    }
+
+    #[test]
+    fn a_channel_count_not_divisible_by_the_groups_is_an_error() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::zeros((1, 6, 2, 2), DType::F32, &dev)?;
+        let g = Tensor::ones(6, DType::F32, &dev)?;
+        assert!(group_norm(&x, &g, &g, 4, 1e-5, false).is_err());
+        Ok(())
+    }
+}
