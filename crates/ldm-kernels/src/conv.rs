@@ -15,6 +15,8 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+use crate::f32_slice;
+
 /// Stride, zero padding and dilation, the same in both directions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConvParams {
@@ -393,15 +395,6 @@ fn backward_weight(x: &[f32], dy: &[f32], g: &Geometry) -> Vec<f32> {
     }
 }
 
-/// The contiguous f32 data of a storage.
-fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    let data = s.as_slice::<f32>()?;
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("conv2d: the {what} must be contiguous"),
-    }
-}
-
 struct Conv2dOp(ConvParams);
 
 impl CustomOp2 for Conv2dOp {
@@ -417,7 +410,11 @@ impl CustomOp2 for Conv2dOp {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let g = Geometry::new(l1.dims(), l2.dims(), self.0)?;
-        let y = forward(slice(s1, l1, "input")?, slice(s2, l2, "kernel")?, &g);
+        let y = forward(
+            f32_slice(s1, l1, "conv2d", "input")?,
+            f32_slice(s2, l2, "conv2d", "kernel")?,
+            &g,
+        );
         Ok((CpuStorage::F32(y), Shape::from((g.n, g.cout, g.ho, g.wo))))
     }
 
@@ -472,7 +469,11 @@ impl CustomOp2 for InputGrad {
                 l1.dims()
             );
         }
-        let dx = backward_input(slice(s1, l1, "gradient")?, slice(s2, l2, "kernel")?, &g);
+        let dx = backward_input(
+            f32_slice(s1, l1, "conv2d", "gradient")?,
+            f32_slice(s2, l2, "conv2d", "kernel")?,
+            &g,
+        );
         Ok((CpuStorage::F32(dx), Shape::from(self.input.clone())))
     }
 }
@@ -502,7 +503,11 @@ impl CustomOp2 for WeightGrad {
                 l2.dims()
             );
         }
-        let dw = backward_weight(slice(s1, l1, "input")?, slice(s2, l2, "gradient")?, &g);
+        let dw = backward_weight(
+            f32_slice(s1, l1, "conv2d", "input")?,
+            f32_slice(s2, l2, "conv2d", "gradient")?,
+            &g,
+        );
         Ok((CpuStorage::F32(dw), Shape::from(self.kernel.clone())))
     }
 }
@@ -521,13 +526,8 @@ pub fn conv2d(x: &Tensor, kernel: &Tensor, p: ConvParams) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::max_rel;
     use candle_core::{Device, Var};
-
-    fn max_rel(a: &Tensor, b: &Tensor) -> Result<f32> {
-        let d = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
-        let s = b.abs()?.max_all()?.to_scalar::<f32>()?.max(1e-6);
-        Ok(d / s)
-    }
 
     /// Forward and both gradients against candle's own convolution, over shapes that cover padding, stride,
     /// dilation, 1×1 and non-square inputs, batches below and above the thread count.

@@ -1,6 +1,8 @@
 //! ldm-kernels: CPU kernels for the operations where candle is slow on the CPU, as candle custom ops with
 //! backward passes, each falling back to candle's own operation on other devices and dtypes; and `nn`-style
 //! modules that use them.
+use candle_core::{CpuStorage, Layout, Result};
+
 pub mod conv;
 pub mod nn;
 pub mod norm;
@@ -8,3 +10,25 @@ pub mod norm;
 pub use conv::{conv2d, ConvParams};
 pub use nn::{Conv2d, GroupNorm};
 pub use norm::{group_norm, silu};
+
+/// The contiguous f32 values of a CPU storage; `what` names the operand in the error.
+pub(crate) fn f32_slice<'a>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    op: &str,
+    what: &str,
+) -> Result<&'a [f32]> {
+    let data = s.as_slice::<f32>()?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("{op}: the {what} must be contiguous"),
+    }
+}
+
+/// Largest |a − b| relative to the largest |b|.
+#[cfg(test)]
+pub(crate) fn max_rel(a: &candle_core::Tensor, b: &candle_core::Tensor) -> Result<f32> {
+    let d = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+    let s = b.abs()?.max_all()?.to_scalar::<f32>()?.max(1e-6);
+    Ok(d / s)
+}

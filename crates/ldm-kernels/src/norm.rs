@@ -9,13 +9,7 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    let data = s.as_slice::<f32>()?;
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("group_norm: the {what} must be contiguous"),
-    }
-}
+use crate::f32_slice;
 
 fn sigmoid(v: f32) -> f32 {
     1.0 / (1.0 + (-v).exp())
@@ -68,9 +62,9 @@ impl CustomOp3 for Norm {
     ) -> Result<(CpuStorage, Shape)> {
         let (_, c, hw) = sizes(l1.dims(), self.groups)?;
         let (x, gamma, beta) = (
-            slice(s1, l1, "input")?,
-            slice(s2, l2, "weight")?,
-            slice(s3, l3, "bias")?,
+            f32_slice(s1, l1, "group_norm", "input")?,
+            f32_slice(s2, l2, "group_norm", "weight")?,
+            f32_slice(s3, l3, "group_norm", "bias")?,
         );
         if gamma.len() != c || beta.len() != c {
             candle_core::bail!("group_norm: weight and bias must have {c} values");
@@ -133,9 +127,9 @@ impl CustomOp3 for NormGrad {
         let p = self.0;
         let (_, c, hw) = sizes(l1.dims(), p.groups)?;
         let (x, params, g) = (
-            slice(s1, l1, "input")?,
-            slice(s2, l2, "weight")?,
-            slice(s3, l3, "gradient")?,
+            f32_slice(s1, l1, "group_norm", "input")?,
+            f32_slice(s2, l2, "group_norm", "weight")?,
+            f32_slice(s3, l3, "group_norm", "gradient")?,
         );
         if params.len() != 2 * c || g.len() != x.len() {
             candle_core::bail!("group_norm backward: inconsistent sizes");
@@ -237,7 +231,7 @@ impl CustomOp1 for Silu {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = slice(s, l, "input")?;
+        let x = f32_slice(s, l, "group_norm", "input")?;
         let mut out = vec![0f32; x.len()];
         out.par_chunks_mut(1 << 14)
             .zip(x.par_chunks(1 << 14))
@@ -268,7 +262,10 @@ impl candle_core::CustomOp2 for SiluGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (x, g) = (slice(s1, l1, "input")?, slice(s2, l2, "gradient")?);
+        let (x, g) = (
+            f32_slice(s1, l1, "group_norm", "input")?,
+            f32_slice(s2, l2, "group_norm", "gradient")?,
+        );
         let mut out = vec![0f32; x.len()];
         out.par_chunks_mut(1 << 14)
             .zip(x.par_chunks(1 << 14).zip(g.par_chunks(1 << 14)))
@@ -294,13 +291,8 @@ pub fn silu(x: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::max_rel;
     use candle_core::{Device, Module, Var};
-
-    fn max_rel(a: &Tensor, b: &Tensor) -> Result<f32> {
-        let d = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
-        let s = b.abs()?.max_all()?.to_scalar::<f32>()?.max(1e-6);
-        Ok(d / s)
-    }
 
     #[test]
     fn group_norm_and_silu_match_candle_forward_and_backward() -> Result<()> {
