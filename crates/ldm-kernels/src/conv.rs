@@ -11,7 +11,9 @@
 //! matrix. Batches of at least as many items as threads run one item per task with a single-threaded GEMM;
 //! smaller batches run item by item with a parallel GEMM. The column buffer of one item is the only extra memory
 //! (K·P floats per task).
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
+};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -258,10 +260,17 @@ fn per_item(
     }
 }
 
-fn forward(x: &[f32], k: &[f32], g: &Geometry) -> Vec<f32> {
+fn forward(x: &[f32], k: &[f32], bias: Option<&[f32]>, g: &Geometry) -> Vec<f32> {
     let (kk, p) = (g.k(), g.positions());
     let mut y = vec![0f32; g.n * g.out_len()];
+    // With a bias, every output row starts at its channel's bias and the GEMM accumulates onto it.
+    let acc = bias.is_some();
     per_item(&mut y, g.out_len(), g.n, |i, out, par| {
+        if let Some(b) = bias {
+            for (row, &bv) in out.chunks_mut(p).zip(b) {
+                row.fill(bv);
+            }
+        }
         let xi = &x[i * g.in_len()..][..g.in_len()];
         let lhs = Mat {
             data: k,
@@ -272,7 +281,7 @@ fn forward(x: &[f32], k: &[f32], g: &Geometry) -> Vec<f32> {
             matmul(
                 (g.cout, p, kk),
                 out,
-                false,
+                acc,
                 lhs,
                 Mat {
                     data: xi,
@@ -287,7 +296,7 @@ fn forward(x: &[f32], k: &[f32], g: &Geometry) -> Vec<f32> {
             matmul(
                 (g.cout, p, kk),
                 out,
-                false,
+                acc,
                 lhs,
                 Mat {
                     data: &col,
@@ -413,6 +422,7 @@ impl CustomOp2 for Conv2dOp {
         let y = forward(
             f32_slice(s1, l1, "conv2d", "input")?,
             f32_slice(s2, l2, "conv2d", "kernel")?,
+            None,
             &g,
         );
         Ok((CpuStorage::F32(y), Shape::from((g.n, g.cout, g.ho, g.wo))))
@@ -441,6 +451,89 @@ impl CustomOp2 for Conv2dOp {
             },
         )?;
         Ok((Some(dx), Some(dk)))
+    }
+}
+
+/// A convolution with its bias added in the same pass: (x, kernel, bias).
+struct Conv2dBiasOp(ConvParams);
+
+impl CustomOp3 for Conv2dBiasOp {
+    fn name(&self) -> &'static str {
+        "ldm-conv2d-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = Geometry::new(l1.dims(), l2.dims(), self.0)?;
+        let bias = f32_slice(s3, l3, "conv2d", "bias")?;
+        if bias.len() != g.cout {
+            candle_core::bail!(
+                "conv2d: the bias has {} values, the kernel {} output channels",
+                bias.len(),
+                g.cout
+            );
+        }
+        let y = forward(
+            f32_slice(s1, l1, "conv2d", "input")?,
+            f32_slice(s2, l2, "conv2d", "kernel")?,
+            Some(bias),
+            &g,
+        );
+        Ok((CpuStorage::F32(y), Shape::from((g.n, g.cout, g.ho, g.wo))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        k: &Tensor,
+        b: &Tensor,
+        y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dk) = Conv2dOp(self.0).bwd(x, k, y, dy)?;
+        let db = dy
+            .contiguous()?
+            .apply_op1_no_bwd(&BiasGrad)?
+            .reshape(b.shape())?;
+        Ok((dx, dk, Some(db)))
+    }
+}
+
+/// Σ over items and positions of `dy [N, C, H, W]`: `[C]`.
+struct BiasGrad;
+
+impl CustomOp1 for BiasGrad {
+    fn name(&self) -> &'static str {
+        "ldm-conv2d-bias-grad"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let &[n, c, h, w] = l.dims() else {
+            candle_core::bail!("conv2d bias gradient: {:?} is not 4-D", l.dims());
+        };
+        let dy = f32_slice(s, l, "conv2d", "gradient")?;
+        let p = h * w;
+        let db: Vec<f32> = (0..c)
+            .into_par_iter()
+            .map(|ch| {
+                (0..n)
+                    .map(|i| {
+                        dy[(i * c + ch) * p..][..p]
+                            .iter()
+                            .map(|&v| f64::from(v))
+                            .sum::<f64>()
+                    })
+                    .sum::<f64>() as f32
+            })
+            .collect();
+        Ok((CpuStorage::F32(db), Shape::from(c)))
     }
 }
 
@@ -520,6 +613,18 @@ pub fn conv2d(x: &Tensor, kernel: &Tensor, p: ConvParams) -> Result<Tensor> {
             .apply_op2(&kernel.contiguous()?, Conv2dOp(p))
     } else {
         x.conv2d(kernel, p.padding, p.stride, p.dilation, 1)
+    }
+}
+
+/// [`conv2d`] plus a per-channel `bias [Cout]`, added in the same pass on the CPU (its gradient is the sum of
+/// the output gradient over items and positions).
+pub fn conv2d_bias(x: &Tensor, kernel: &Tensor, bias: &Tensor, p: ConvParams) -> Result<Tensor> {
+    if x.device().is_cpu() && [x.dtype(), kernel.dtype(), bias.dtype()] == [DType::F32; 3] {
+        x.contiguous()?
+            .apply_op3(&kernel.contiguous()?, &bias.contiguous()?, Conv2dBiasOp(p))
+    } else {
+        let y = x.conv2d(kernel, p.padding, p.stride, p.dilation, 1)?;
+        y.broadcast_add(&bias.reshape((1, bias.elem_count(), 1, 1))?)
     }
 }
 
@@ -615,6 +720,42 @@ mod tests {
                     "{name} gradient {p:?}: {}",
                     max_rel(a, b)?
                 );
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn the_fused_bias_matches_an_added_bias() -> Result<()> {
+        let dev = Device::Cpu;
+        let p = ConvParams {
+            stride: 1,
+            padding: 1,
+            dilation: 1,
+        };
+        for (n, pp) in [(3, p), (1, ConvParams::default())] {
+            let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (n, 4, 6, 5), &dev)?)?;
+            let k = Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 4, 3, 3), &dev)?)?;
+            let k = if pp.padding == 0 {
+                Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 4, 1, 1), &dev)?)?
+            } else {
+                k
+            };
+            let b = Var::from_tensor(&Tensor::randn(0f32, 1.0, 3, &dev)?)?;
+            let fused = conv2d_bias(x.as_tensor(), k.as_tensor(), b.as_tensor(), pp)?;
+            let added = x
+                .as_tensor()
+                .conv2d(k.as_tensor(), pp.padding, pp.stride, pp.dilation, 1)?
+                .broadcast_add(&b.as_tensor().reshape((1, 3, 1, 1))?)?;
+            assert!(max_rel(&fused, &added)? < 1e-5);
+            let r = Tensor::randn(0f32, 1.0, fused.dims(), &dev)?;
+            let gf = (fused * &r)?.sum_all()?.backward()?;
+            let ga = (added * &r)?.sum_all()?.backward()?;
+            for v in [&x, &k, &b] {
+                let (Some(a), Some(c)) = (gf.get(v), ga.get(v)) else {
+                    candle_core::bail!("missing gradient");
+                };
+                assert!(max_rel(a, c)? < 1e-5);
             }
         }
         Ok(())

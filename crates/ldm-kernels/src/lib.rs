@@ -7,7 +7,7 @@ pub mod conv;
 pub mod nn;
 pub mod norm;
 
-pub use conv::{conv2d, ConvParams};
+pub use conv::{conv2d, conv2d_bias, ConvParams};
 pub use nn::{Conv2d, GroupNorm};
 pub use norm::{group_norm, silu};
 

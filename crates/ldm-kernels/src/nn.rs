@@ -4,7 +4,7 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, Init, VarBuilder};
 
-use crate::conv::{conv2d as kernel_conv2d, ConvParams};
+use crate::conv::{conv2d as kernel_conv2d, conv2d_bias as kernel_conv2d_bias, ConvParams};
 
 #[derive(Debug, Clone)]
 pub struct Conv2d {
@@ -38,22 +38,21 @@ impl Conv2d {
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let c = &self.config;
-        let y = if c.groups == 1 {
-            kernel_conv2d(
-                x,
-                &self.weight,
-                ConvParams {
-                    stride: c.stride,
-                    padding: c.padding,
-                    dilation: c.dilation,
-                },
-            )?
-        } else {
-            x.conv2d(&self.weight, c.padding, c.stride, c.dilation, c.groups)?
+        let p = ConvParams {
+            stride: c.stride,
+            padding: c.padding,
+            dilation: c.dilation,
         };
-        match &self.bias {
-            None => Ok(y),
-            Some(b) => y.broadcast_add(&b.reshape((1, b.dims1()?, 1, 1))?),
+        match (&self.bias, c.groups) {
+            (Some(b), 1) => kernel_conv2d_bias(x, &self.weight, b, p),
+            (None, 1) => kernel_conv2d(x, &self.weight, p),
+            (bias, groups) => {
+                let y = x.conv2d(&self.weight, c.padding, c.stride, c.dilation, groups)?;
+                match bias {
+                    None => Ok(y),
+                    Some(b) => y.broadcast_add(&b.reshape((1, b.dims1()?, 1, 1))?),
+                }
+            }
         }
     }
 }
