@@ -119,29 +119,43 @@ impl Geometry {
     }
 }
 
-/// `col[K, P]` of one item `x[Cin, H, W]`.
-fn im2col(x: &[f32], g: &Geometry, col: &mut [f32]) {
-    let p = g.positions();
+/// Output rows per column block: blocks keep the column matrix under this many floats (64 MiB), so a 512²
+/// decoder convolution does not materialise its 1.2 GB im2col at once. Any value gives the same results (the
+/// tests lower it to check the blocked path).
+static COL_BUDGET: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(1 << 24);
+
+fn row_blocks(g: &Geometry) -> impl Iterator<Item = std::ops::Range<usize>> {
+    let budget = COL_BUDGET.load(std::sync::atomic::Ordering::Relaxed);
+    let rows = (budget / (g.k() * g.wo).max(1)).clamp(1, g.ho);
+    let ho = g.ho;
+    (0..ho).step_by(rows).map(move |r| r..(r + rows).min(ho))
+}
+
+/// `col[K, rows·Wo]` of output rows `rows` of one item `x[Cin, H, W]`.
+fn im2col(x: &[f32], g: &Geometry, rows: std::ops::Range<usize>, col: &mut [f32]) {
+    let p = rows.len() * g.wo;
     for c in 0..g.cin {
         let plane = &x[c * g.h * g.w..][..g.h * g.w];
         for ki in 0..g.kh {
             for kj in 0..g.kw {
                 let row = &mut col[((c * g.kh + ki) * g.kw + kj) * p..][..p];
-                for oy in 0..g.ho {
-                    let out = &mut row[oy * g.wo..][..g.wo];
+                for (r, oy) in rows.clone().enumerate() {
+                    let out = &mut row[r * g.wo..][..g.wo];
                     let Some(iy) = g.source(oy, ki, g.h) else {
                         out.fill(0.0);
                         continue;
                     };
                     let src = &plane[iy * g.w..][..g.w];
                     if g.p.stride == 1 {
-                        // ix = ox + off: one contiguous run between zero margins.
+                        // ix = ox + off − padding: one contiguous run between zero margins.
                         let off = kj * g.p.dilation;
                         let first = g.p.padding.saturating_sub(off).min(g.wo);
                         let last = (g.w + g.p.padding).saturating_sub(off).min(g.wo).max(first);
                         out[..first].fill(0.0);
-                        let start = first + off - g.p.padding;
-                        out[first..last].copy_from_slice(&src[start..start + (last - first)]);
+                        if last > first {
+                            let start = first + off - g.p.padding;
+                            out[first..last].copy_from_slice(&src[start..start + (last - first)]);
+                        }
                         out[last..].fill(0.0);
                     } else {
                         for (ox, o) in out.iter_mut().enumerate() {
@@ -154,23 +168,37 @@ fn im2col(x: &[f32], g: &Geometry, col: &mut [f32]) {
     }
 }
 
-/// `dx[Cin, H, W] += col2im(dcol[K, P])` (dx starts zeroed).
-fn col2im_add(dcol: &[f32], g: &Geometry, dx: &mut [f32]) {
-    let p = g.positions();
+/// `dx[Cin, H, W] += col2im(dcol[K, rows·Wo])` for output rows `rows`.
+fn col2im_add(dcol: &[f32], g: &Geometry, rows: std::ops::Range<usize>, dx: &mut [f32]) {
+    let p = rows.len() * g.wo;
     for c in 0..g.cin {
         let plane = &mut dx[c * g.h * g.w..][..g.h * g.w];
         for ki in 0..g.kh {
             for kj in 0..g.kw {
                 let row = &dcol[((c * g.kh + ki) * g.kw + kj) * p..][..p];
-                for oy in 0..g.ho {
+                for (r, oy) in rows.clone().enumerate() {
                     let Some(iy) = g.source(oy, ki, g.h) else {
                         continue;
                     };
-                    let src = &row[oy * g.wo..][..g.wo];
+                    let src = &row[r * g.wo..][..g.wo];
                     let dst = &mut plane[iy * g.w..][..g.w];
-                    for (ox, v) in src.iter().enumerate() {
-                        if let Some(ix) = g.source(ox, kj, g.w) {
-                            dst[ix] += v;
+                    if g.p.stride == 1 {
+                        // The run of ox whose ix = ox + off − padding is inside, as in im2col.
+                        let off = kj * g.p.dilation;
+                        let first = g.p.padding.saturating_sub(off).min(g.wo);
+                        let last = (g.w + g.p.padding).saturating_sub(off).min(g.wo).max(first);
+                        if last > first {
+                            let start = first + off - g.p.padding;
+                            let dst = &mut dst[start..start + (last - first)];
+                            for (d, v) in dst.iter_mut().zip(&src[first..last]) {
+                                *d += v;
+                            }
+                        }
+                    } else {
+                        for (ox, v) in src.iter().enumerate() {
+                            if let Some(ix) = g.source(ox, kj, g.w) {
+                                dst[ix] += v;
+                            }
                         }
                     }
                 }
@@ -179,7 +207,7 @@ fn col2im_add(dcol: &[f32], g: &Geometry, dx: &mut [f32]) {
     }
 }
 
-/// A strided matrix view: `ptr[r·rs + c·cs]`.
+/// A strided matrix view: `data[r·rs + c·cs]`.
 #[derive(Clone, Copy)]
 struct Mat<'a> {
     data: &'a [f32],
@@ -187,19 +215,40 @@ struct Mat<'a> {
     cs: usize,
 }
 
-/// `dst[m, n] (row-major, contiguous) = (dst if accumulate) + lhs[m, k] · rhs[k, n]`.
+impl<'a> Mat<'a> {
+    fn rows(data: &'a [f32], rs: usize) -> Self {
+        Self { data, rs, cs: 1 }
+    }
+    /// The transpose of a row-major matrix with row stride `rs`.
+    fn transposed(data: &'a [f32], rs: usize) -> Self {
+        Self {
+            data,
+            rs: 1,
+            cs: rs,
+        }
+    }
+}
+
+/// `dst[i·dst_rs + j] = (that, if accumulate) + Σ_k lhs[i, k] · rhs[k, j]` for i < m, j < n.
 fn matmul(
     (m, n, k): (usize, usize, usize),
     dst: &mut [f32],
+    dst_rs: usize,
     accumulate: bool,
     lhs: Mat<'_>,
     rhs: Mat<'_>,
     par: Parallelism,
 ) {
-    assert!(dst.len() >= m * n, "gemm: destination too small");
+    if m == 0 || n == 0 {
+        return;
+    }
     let fits = |a: &Mat<'_>, rows: usize, cols: usize| {
         rows == 0 || cols == 0 || (rows - 1) * a.rs + (cols - 1) * a.cs < a.data.len()
     };
+    assert!(
+        dst_rs >= n && (m - 1) * dst_rs + n <= dst.len(),
+        "gemm: destination too small"
+    );
     assert!(
         fits(&lhs, m, k) && fits(&rhs, k, n),
         "gemm: operand too small"
@@ -213,7 +262,7 @@ fn matmul(
             k,
             dst.as_mut_ptr(),
             1,
-            n as isize,
+            dst_rs as isize,
             accumulate,
             lhs.data.as_ptr(),
             lhs.cs as isize,
@@ -235,6 +284,14 @@ fn threads() -> usize {
     candle_core::utils::get_num_threads().max(1)
 }
 
+fn gemm_threads(t: usize) -> Parallelism {
+    if t > 1 {
+        Parallelism::Rayon(t)
+    } else {
+        Parallelism::None
+    }
+}
+
 /// Runs `f(item, out_chunk, par)` for every item: in parallel with single-threaded GEMMs when there are at
 /// least as many items as threads, otherwise item by item with parallel GEMMs.
 fn per_item(
@@ -249,13 +306,8 @@ fn per_item(
             .enumerate()
             .for_each(|(i, o)| f(i, o, Parallelism::None));
     } else {
-        let par = if t > 1 {
-            Parallelism::Rayon(t)
-        } else {
-            Parallelism::None
-        };
         for (i, o) in out.chunks_mut(chunk).enumerate() {
-            f(i, o, par);
+            f(i, o, gemm_threads(t));
         }
     }
 }
@@ -272,39 +324,18 @@ fn forward(x: &[f32], k: &[f32], bias: Option<&[f32]>, g: &Geometry) -> Vec<f32>
             }
         }
         let xi = &x[i * g.in_len()..][..g.in_len()];
-        let lhs = Mat {
-            data: k,
-            rs: kk,
-            cs: 1,
-        };
+        let w = Mat::rows(k, kk);
         if g.pointwise() {
-            matmul(
-                (g.cout, p, kk),
-                out,
-                acc,
-                lhs,
-                Mat {
-                    data: xi,
-                    rs: p,
-                    cs: 1,
-                },
-                par,
-            );
-        } else {
-            let mut col = vec![0f32; kk * p];
-            im2col(xi, g, &mut col);
-            matmul(
-                (g.cout, p, kk),
-                out,
-                acc,
-                lhs,
-                Mat {
-                    data: &col,
-                    rs: p,
-                    cs: 1,
-                },
-                par,
-            );
+            matmul((g.cout, p, kk), out, p, acc, w, Mat::rows(xi, p), par);
+            return;
+        }
+        let mut col = Vec::new();
+        for rows in row_blocks(g) {
+            let pb = rows.len() * g.wo;
+            col.resize(kk * pb, 0.0);
+            im2col(xi, g, rows.clone(), &mut col);
+            let dst = &mut out[rows.start * g.wo..];
+            matmul((g.cout, pb, kk), dst, p, acc, w, Mat::rows(&col, pb), par);
         }
     });
     y
@@ -314,23 +345,20 @@ fn backward_input(dy: &[f32], k: &[f32], g: &Geometry) -> Vec<f32> {
     let (kk, p) = (g.k(), g.positions());
     let mut dx = vec![0f32; g.n * g.in_len()];
     // Wᵀ[K, Cout]: element (r, co) at co·K + r.
-    let wt = Mat {
-        data: k,
-        rs: 1,
-        cs: kk,
-    };
+    let wt = Mat::transposed(k, kk);
     per_item(&mut dx, g.in_len(), g.n, |i, out, par| {
-        let dyi = Mat {
-            data: &dy[i * g.out_len()..][..g.out_len()],
-            rs: p,
-            cs: 1,
-        };
+        let dyi = &dy[i * g.out_len()..][..g.out_len()];
         if g.pointwise() {
-            matmul((kk, p, g.cout), out, false, wt, dyi, par);
-        } else {
-            let mut dcol = vec![0f32; kk * p];
-            matmul((kk, p, g.cout), &mut dcol, false, wt, dyi, par);
-            col2im_add(&dcol, g, out);
+            matmul((kk, p, g.cout), out, p, false, wt, Mat::rows(dyi, p), par);
+            return;
+        }
+        let mut dcol = Vec::new();
+        for rows in row_blocks(g) {
+            let pb = rows.len() * g.wo;
+            dcol.resize(kk * pb, 0.0);
+            let dyb = Mat::rows(&dyi[rows.start * g.wo..], p);
+            matmul((kk, pb, g.cout), &mut dcol, pb, false, wt, dyb, par);
+            col2im_add(&dcol, g, rows, out);
         }
     });
     dx
@@ -339,35 +367,43 @@ fn backward_input(dy: &[f32], k: &[f32], g: &Geometry) -> Vec<f32> {
 fn backward_weight(x: &[f32], dy: &[f32], g: &Geometry) -> Vec<f32> {
     let (kk, p) = (g.k(), g.positions());
     let wlen = g.cout * kk;
-    // dW += dy_i[Cout, P] · col_iᵀ[P, K] for the items of one task.
+    // dW += dy_i[Cout, P] · col_iᵀ[P, K] for the items of one task, block by block.
     let accumulate_items = |items: std::ops::Range<usize>, dw: &mut [f32], par: Parallelism| {
-        let mut col = if g.pointwise() {
-            Vec::new()
-        } else {
-            vec![0f32; kk * p]
-        };
-        for (j, i) in items.enumerate() {
+        let mut col = Vec::new();
+        let mut first = true;
+        for i in items {
             let xi = &x[i * g.in_len()..][..g.in_len()];
-            let colt = if g.pointwise() {
-                Mat {
-                    data: xi,
-                    rs: 1,
-                    cs: p,
-                }
-            } else {
-                im2col(xi, g, &mut col);
-                Mat {
-                    data: &col,
-                    rs: 1,
-                    cs: p,
-                }
-            };
-            let dyi = Mat {
-                data: &dy[i * g.out_len()..][..g.out_len()],
-                rs: p,
-                cs: 1,
-            };
-            matmul((g.cout, kk, p), dw, j > 0, dyi, colt, par);
+            let dyi = &dy[i * g.out_len()..][..g.out_len()];
+            if g.pointwise() {
+                let colt = Mat::transposed(xi, p);
+                matmul(
+                    (g.cout, kk, p),
+                    dw,
+                    kk,
+                    !first,
+                    Mat::rows(dyi, p),
+                    colt,
+                    par,
+                );
+                first = false;
+                continue;
+            }
+            for rows in row_blocks(g) {
+                let pb = rows.len() * g.wo;
+                col.resize(kk * pb, 0.0);
+                im2col(xi, g, rows.clone(), &mut col);
+                let dyb = Mat::rows(&dyi[rows.start * g.wo..], p);
+                matmul(
+                    (g.cout, kk, pb),
+                    dw,
+                    kk,
+                    !first,
+                    dyb,
+                    Mat::transposed(&col, pb),
+                    par,
+                );
+                first = false;
+            }
         }
     };
     let t = threads();
@@ -393,13 +429,8 @@ fn backward_weight(x: &[f32], dy: &[f32], g: &Geometry) -> Vec<f32> {
         }
         dw
     } else {
-        let par = if t > 1 {
-            Parallelism::Rayon(t)
-        } else {
-            Parallelism::None
-        };
         let mut dw = vec![0f32; wlen];
-        accumulate_items(0..g.n, &mut dw, par);
+        accumulate_items(0..g.n, &mut dw, gemm_threads(t));
         dw
     }
 }
@@ -641,6 +672,16 @@ mod tests {
         let dev = Device::Cpu;
         type Case = ((usize, usize, usize, usize), (usize, usize), ConvParams);
         let cases: &[Case] = &[
+            // Padding wider than the output row at some kernel offsets (w 1, span 5, output 1).
+            (
+                (2, 2, 1, 1),
+                (3, 3),
+                ConvParams {
+                    stride: 1,
+                    padding: 2,
+                    dilation: 2,
+                },
+            ),
             (
                 (2, 3, 8, 8),
                 (4, 3),
@@ -723,6 +764,15 @@ mod tests {
             }
         }
         Ok(())
+    }
+
+    #[test]
+    fn column_blocks_of_one_output_row_give_the_same_results() -> Result<()> {
+        // A budget below one row's columns: every block is one output row.
+        COL_BUDGET.store(1, std::sync::atomic::Ordering::Relaxed);
+        let r = matches_candle_forward_and_backward();
+        COL_BUDGET.store(1 << 24, std::sync::atomic::Ordering::Relaxed);
+        r
     }
 
     #[test]
