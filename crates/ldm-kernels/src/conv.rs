@@ -662,7 +662,7 @@ pub fn conv2d_bias(x: &Tensor, kernel: &Tensor, bias: &Tensor, p: ConvParams) ->
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::max_rel;
+    use crate::{grad_gaps, max_rel};
     use candle_core::{Device, Var};
 
     /// Forward and both gradients against candle's own convolution, over shapes that cover padding, stride,
@@ -747,21 +747,11 @@ mod tests {
                     .conv2d(kern.as_tensor(), p.padding, p.stride, p.dilation, 1)?;
             assert_eq!(ours.dims(), theirs.dims(), "{p:?}");
             assert!(max_rel(&ours, &theirs)? < 1e-5, "forward {p:?}");
-            // A loss with a varied gradient: Σ y · r for a fixed random r.
-            let r = Tensor::randn(0f32, 1.0, ours.dims(), &dev)?;
-            let go = (ours * &r)?.sum_all()?.backward()?;
-            let gt = (theirs * &r)?.sum_all()?.backward()?;
-            for (name, v) in [("input", &x), ("kernel", &kern)] {
-                let (a, b) = (
-                    go.get(v).ok_or(candle_core::Error::Msg(name.into()))?,
-                    gt.get(v).ok_or(candle_core::Error::Msg(name.into()))?,
-                );
-                assert!(
-                    max_rel(a, b)? < 1e-5,
-                    "{name} gradient {p:?}: {}",
-                    max_rel(a, b)?
-                );
-            }
+            let gaps = grad_gaps(&ours, &theirs, &[&x, &kern])?;
+            assert!(
+                gaps.iter().all(|&e| e < 1e-5),
+                "input, kernel gradients {p:?}: {gaps:?}"
+            );
         }
         Ok(())
     }
@@ -798,15 +788,8 @@ mod tests {
                 .conv2d(k.as_tensor(), pp.padding, pp.stride, pp.dilation, 1)?
                 .broadcast_add(&b.as_tensor().reshape((1, 3, 1, 1))?)?;
             assert!(max_rel(&fused, &added)? < 1e-5);
-            let r = Tensor::randn(0f32, 1.0, fused.dims(), &dev)?;
-            let gf = (fused * &r)?.sum_all()?.backward()?;
-            let ga = (added * &r)?.sum_all()?.backward()?;
-            for v in [&x, &k, &b] {
-                let (Some(a), Some(c)) = (gf.get(v), ga.get(v)) else {
-                    candle_core::bail!("missing gradient");
-                };
-                assert!(max_rel(a, c)? < 1e-5);
-            }
+            let gaps = grad_gaps(&fused, &added, &[&x, &k, &b])?;
+            assert!(gaps.iter().all(|&e| e < 1e-5), "{gaps:?}");
         }
         Ok(())
     }
@@ -826,13 +809,8 @@ mod tests {
             .conv2d(&h, 0, 1, 1, 1)?;
         assert_eq!(ours.dims(), &[3, 1, 6, 4]);
         assert!(max_rel(&ours, &theirs)? < 1e-5);
-        let go = ours.sqr()?.sum_all()?.backward()?;
-        let gt = theirs.sqr()?.sum_all()?.backward()?;
-        let (a, b) = (go.get(&x), gt.get(&x));
-        let (Some(a), Some(b)) = (a, b) else {
-            candle_core::bail!("no input gradient");
-        };
-        assert!(max_rel(a, b)? < 1e-5);
+        let gaps = grad_gaps(&ours, &theirs, &[&x])?;
+        assert!(gaps[0] < 1e-5, "{gaps:?}");
         Ok(())
     }
 

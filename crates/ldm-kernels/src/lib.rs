@@ -32,3 +32,22 @@ pub(crate) fn max_rel(a: &candle_core::Tensor, b: &candle_core::Tensor) -> Resul
     let s = b.abs()?.max_all()?.to_scalar::<f32>()?.max(1e-6);
     Ok(d / s)
 }
+
+/// For the loss Σ y·r (r random, the same for both), the relative gap (as [`max_rel`]) between the gradients
+/// through `ours` and through `theirs` of each of `vars`.
+#[cfg(test)]
+pub(crate) fn grad_gaps(
+    ours: &candle_core::Tensor,
+    theirs: &candle_core::Tensor,
+    vars: &[&candle_core::Var],
+) -> Result<Vec<f32>> {
+    let r = candle_core::Tensor::randn(0f32, 1.0, ours.dims(), ours.device())?;
+    let go = (ours * &r)?.sum_all()?.backward()?;
+    let gt = (theirs * &r)?.sum_all()?.backward()?;
+    vars.iter()
+        .map(|v| match (go.get(v), gt.get(v)) {
+            (Some(a), Some(b)) => max_rel(a, b),
+            _ => candle_core::bail!("a variable has no gradient"),
+        })
+        .collect()
+}
