@@ -6,10 +6,12 @@ use candle_core::{CpuStorage, Layout, Result};
 pub mod conv;
 pub mod nn;
 pub mod norm;
+pub mod rows;
 
 pub use conv::{conv2d, conv2d_bias, ConvParams};
 pub use nn::{Conv2d, GroupNorm};
 pub use norm::{group_norm, silu};
+pub use rows::{layer_norm, softmax_last_dim};
 
 /// The contiguous f32 values of a CPU storage; `what` names the operand in the error.
 pub(crate) fn f32_slice<'a>(

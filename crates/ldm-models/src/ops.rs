@@ -2,8 +2,9 @@
 //!
 //! candle_nn's fused `softmax_last_dim` and `layer_norm` kernels are fast but have no backward pass, so a graph
 //! that goes through them cannot be trained. The functions here take the fused kernel when nothing upstream
-//! needs a gradient (inference: plain tensors, no `Var`) and otherwise the same maths written with
-//! differentiable tensor ops, which autodiff handles on every device.
+//! needs a gradient (inference: plain tensors, no `Var`); when training, `ldm_kernels`' custom ops with their
+//! backward passes for f32 on the CPU, and otherwise the same maths written with differentiable tensor ops,
+//! which autodiff handles on every device.
 //!
 //! | code      | maths                                              |
 //! |-----------|----------------------------------------------------|
@@ -16,6 +17,10 @@ use candle_nn::VarBuilder;
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     if !x.track_op() {
         return candle_nn::ops::softmax_last_dim(x);
+    }
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        // One pass each way, with its own backward (`ldm_kernels`).
+        return ldm_kernels::softmax_last_dim(x);
     }
     // The max is a constant shift (softmax is invariant to it), so it is detached.
     let max = x.max_keepdim(D::Minus1)?.detach();
@@ -54,6 +59,10 @@ impl Module for LayerNorm {
         // The fused kernel has no f64 version.
         if !trains && x.is_contiguous() && x.dtype() != DType::F64 {
             return candle_nn::ops::layer_norm(x, &self.weight, &self.bias, self.eps as f32);
+        }
+        // Training on the CPU in f32: one pass each way, with its own backward (`ldm_kernels`).
+        if let Some(y) = ldm_kernels::layer_norm(x, &self.weight, &self.bias, self.eps)? {
+            return Ok(y);
         }
         let dtype = x.dtype();
         let x = match dtype {
