@@ -209,18 +209,18 @@ fn col2im_add(dcol: &[f32], g: &Geometry, rows: std::ops::Range<usize>, dx: &mut
 
 /// A strided matrix view: `data[r·rs + c·cs]`.
 #[derive(Clone, Copy)]
-struct Mat<'a> {
+pub(crate) struct Mat<'a> {
     data: &'a [f32],
     rs: usize,
     cs: usize,
 }
 
 impl<'a> Mat<'a> {
-    fn rows(data: &'a [f32], rs: usize) -> Self {
+    pub(crate) fn rows(data: &'a [f32], rs: usize) -> Self {
         Self { data, rs, cs: 1 }
     }
     /// The transpose of a row-major matrix with row stride `rs`.
-    fn transposed(data: &'a [f32], rs: usize) -> Self {
+    pub(crate) fn transposed(data: &'a [f32], rs: usize) -> Self {
         Self {
             data,
             rs: 1,
@@ -230,7 +230,7 @@ impl<'a> Mat<'a> {
 }
 
 /// `dst[i·dst_rs + j] = (that, if accumulate) + Σ_k lhs[i, k] · rhs[k, j]` for i < m, j < n.
-fn matmul(
+pub(crate) fn matmul(
     (m, n, k): (usize, usize, usize),
     dst: &mut [f32],
     dst_rs: usize,

@@ -79,12 +79,18 @@ impl CrossAttention {
     }
 }
 
-/// softmax(q·kᵀ/√d)·v for `q` `[B, h, N, d]`, `k`, `v` `[B, h, M, d]` → `[B, h, N, d]`, in chunks of
-/// queries so that no score tensor exceeds `max_score_bytes` (at least one query row at a time).
+/// softmax(q·kᵀ/√d)·v for `q` `[B, h, N, d]`, `k`, `v` `[B, h, M, d]` → `[B, h, N, d]`. Inference in f32 on the
+/// CPU takes `ldm_kernels`' blocked kernel (64 queries at a time, no score tensor); otherwise (training graphs,
+/// f16/bf16, CUDA) chunks of queries so that no score tensor exceeds `max_score_bytes` (at least one query row
+/// at a time).
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, max_score_bytes: usize) -> Result<Tensor> {
     let (b, h, n, d) = q.dims4()?;
     let m = k.dim(2)?;
     let scale = 1.0 / (d as f64).sqrt();
+    // Inference in f32 on the CPU: the blocked kernel (no score tensor at all).
+    if let Some(out) = ldm_kernels::attention::attention(q, k, v, scale)? {
+        return Ok(out);
+    }
     let kt = k.t()?; // [B, h, d, M]
     let row_bytes = b * h * m * q.dtype().size_in_bytes();
     let max_rows = (max_score_bytes / row_bytes.max(1)).clamp(1, n.max(1));
@@ -117,15 +123,20 @@ mod tests {
     fn chunked_attention_equals_unchunked() -> Result<()> {
         let dev = Device::Cpu;
         let (b, h, n, m, d) = (2, 2, 256, 77, 16);
-        let q = Tensor::randn(0f32, 1.0, (b, h, n, d), &dev)?;
+        // A tracked query (a training graph) takes the chunked path.
+        let q = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, h, n, d), &dev)?)?;
+        let q = q.as_tensor();
         let k = Tensor::randn(0f32, 1.0, (b, h, m, d), &dev)?;
         let v = Tensor::randn(0f32, 1.0, (b, h, m, d), &dev)?;
-        let full = attention(&q, &k, &v, usize::MAX)?;
+        let full = attention(q, &k, &v, usize::MAX)?;
         let row = b * h * m * 4;
         // 100 rows allowed → 3 balanced chunks (86, 86, 84): bit-identical on CPU.
-        assert_eq!(max_diff(&full, &attention(&q, &k, &v, 100 * row)?)?, 0.0);
+        assert_eq!(max_diff(&full, &attention(q, &k, &v, 100 * row)?)?, 0.0);
         // Single-row chunks may take gemm's small-matrix path: equal up to f32 rounding.
-        assert!(max_diff(&full, &attention(&q, &k, &v, row)?)? <= 1e-6);
+        assert!(max_diff(&full, &attention(q, &k, &v, row)?)? <= 1e-6);
+        // The inference kernel (plain tensors) gives the same result.
+        let plain = attention(&q.detach(), &k, &v, usize::MAX)?;
+        assert!(max_diff(&full, &plain)? <= 1e-5);
         Ok(())
     }
 
