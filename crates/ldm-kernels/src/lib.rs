@@ -28,6 +28,39 @@ pub(crate) fn f32_slice<'a>(
     }
 }
 
+/// Mean and 1/√(var + ε) (biased variance) of a group or row, accumulated in f64: the statistics of GroupNorm
+/// and LayerNorm.
+pub(crate) fn mean_rstd(x: &[f32], eps: f64) -> (f32, f32) {
+    let m = x.len() as f64;
+    let mean = x.iter().map(|&v| f64::from(v)).sum::<f64>() / m;
+    let var = x
+        .iter()
+        .map(|&v| (f64::from(v) - mean).powi(2))
+        .sum::<f64>()
+        / m;
+    (mean as f32, (1.0 / (var + eps).sqrt()) as f32)
+}
+
+type NormGrads = (
+    Option<candle_core::Tensor>,
+    Option<candle_core::Tensor>,
+    Option<candle_core::Tensor>,
+);
+
+/// Splits the flat `[dx; dγ; dβ]` that the norm backward kernels return into the three gradients, shaped as `x`
+/// and `param` (γ and β have one shape).
+pub(crate) fn unpack_norm_grads(
+    packed: &candle_core::Tensor,
+    x: &candle_core::Tensor,
+    param: &candle_core::Tensor,
+) -> Result<NormGrads> {
+    let (n, c) = (x.elem_count(), param.elem_count());
+    let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
+    let dgamma = packed.narrow(0, n, c)?.reshape(param.shape())?;
+    let dbeta = packed.narrow(0, n + c, c)?.reshape(param.shape())?;
+    Ok((Some(dx), Some(dgamma), Some(dbeta)))
+}
+
 /// Largest |a − b| relative to the largest |b|.
 #[cfg(test)]
 pub(crate) fn max_rel(a: &candle_core::Tensor, b: &candle_core::Tensor) -> Result<f32> {

@@ -9,7 +9,7 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::f32_slice;
+use crate::{f32_slice, mean_rstd, unpack_norm_grads};
 
 fn sigmoid(v: f32) -> f32 {
     1.0 / (1.0 + (-v).exp())
@@ -28,18 +28,6 @@ fn sizes(dims: &[usize], groups: usize) -> Result<(usize, usize, usize)> {
         candle_core::bail!("group_norm: input {dims:?} cannot be split into {groups} groups");
     }
     Ok((dims[0], dims[1], dims[2..].iter().product()))
-}
-
-/// Mean and 1/√(var + ε) of one group, accumulated in f64.
-fn stats(x: &[f32], eps: f64) -> (f32, f32) {
-    let m = x.len() as f64;
-    let mean = x.iter().map(|&v| f64::from(v)).sum::<f64>() / m;
-    let var = x
-        .iter()
-        .map(|&v| (f64::from(v) - mean).powi(2))
-        .sum::<f64>()
-        / m;
-    (mean as f32, (1.0 / (var + eps).sqrt()) as f32)
 }
 
 impl CustomOp3 for Norm {
@@ -75,7 +63,7 @@ impl CustomOp3 for Norm {
             .zip(x.par_chunks(cg * hw))
             .enumerate()
             .for_each(|(i, (o, xg))| {
-                let (mean, r) = stats(xg, self.eps);
+                let (mean, r) = mean_rstd(xg, self.eps);
                 let c0 = (i % self.groups) * cg;
                 for (j, (oc, xc)) in o.chunks_mut(hw).zip(xg.chunks(hw)).enumerate() {
                     let (a, b) = (gamma[c0 + j] * r, beta[c0 + j] - gamma[c0 + j] * r * mean);
@@ -96,14 +84,9 @@ impl CustomOp3 for Norm {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let c = gamma.elem_count();
         let params = Tensor::cat(&[gamma.flatten_all()?, beta.flatten_all()?], 0)?;
         let packed = x.apply_op3_no_bwd(&params, &grad.contiguous()?, &NormGrad(*self))?;
-        let n = x.elem_count();
-        let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
-        let dgamma = packed.narrow(0, n, c)?.reshape(gamma.shape())?;
-        let dbeta = packed.narrow(0, n + c, c)?.reshape(beta.shape())?;
-        Ok((Some(dx), Some(dgamma), Some(dbeta)))
+        unpack_norm_grads(&packed, x, gamma)
     }
 }
 
@@ -143,7 +126,7 @@ impl CustomOp3 for NormGrad {
             .zip(x.par_chunks(cg * hw).zip(g.par_chunks(cg * hw)))
             .enumerate()
             .map(|(i, (dxg, (xg, gg)))| {
-                let (mean, r) = stats(xg, p.eps);
+                let (mean, r) = mean_rstd(xg, p.eps);
                 let c0 = (i % p.groups) * cg;
                 let (mut dgam, mut dbet) = (vec![0f32; cg], vec![0f32; cg]);
                 let (mut s1, mut s2) = (0f64, 0f64); // Σ dx̂, Σ dx̂·x̂

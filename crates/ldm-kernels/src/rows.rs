@@ -11,7 +11,7 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
-use crate::f32_slice;
+use crate::{f32_slice, mean_rstd, unpack_norm_grads};
 
 /// Rows per parallel task: enough work per task for rows of any length.
 fn rows_per_task(d: usize) -> usize {
@@ -113,18 +113,6 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 
 struct LayerNorm(f64);
 
-/// Mean and 1/√(var + ε) of one row, accumulated in f64.
-fn row_stats(x: &[f32], eps: f64) -> (f32, f32) {
-    let m = x.len() as f64;
-    let mean = x.iter().map(|&v| f64::from(v)).sum::<f64>() / m;
-    let var = x
-        .iter()
-        .map(|&v| (f64::from(v) - mean).powi(2))
-        .sum::<f64>()
-        / m;
-    (mean as f32, (1.0 / (var + eps).sqrt()) as f32)
-}
-
 impl CustomOp3 for LayerNorm {
     fn name(&self) -> &'static str {
         "ldm-layer-norm"
@@ -152,7 +140,7 @@ impl CustomOp3 for LayerNorm {
             .zip(x.par_chunks(chunk))
             .for_each(|(yc, xc)| {
                 for (yr, xr) in yc.chunks_mut(d).zip(xc.chunks(d)) {
-                    let (mean, r) = row_stats(xr, self.0);
+                    let (mean, r) = mean_rstd(xr, self.0);
                     for (((o, &v), &ga), &be) in yr.iter_mut().zip(xr).zip(gamma).zip(beta) {
                         *o = (v - mean) * r * ga + be;
                     }
@@ -169,17 +157,12 @@ impl CustomOp3 for LayerNorm {
         _y: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let d = gamma.elem_count();
         let packed = x.apply_op3_no_bwd(
             &gamma.contiguous()?,
             &g.contiguous()?,
             &LayerNormGrad(self.0),
         )?;
-        let n = x.elem_count();
-        let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
-        let dgamma = packed.narrow(0, n, d)?.reshape(gamma.shape())?;
-        let dbeta = packed.narrow(0, n + d, d)?.reshape(gamma.shape())?;
-        Ok((Some(dx), Some(dgamma), Some(dbeta)))
+        unpack_norm_grads(&packed, x, gamma)
     }
 }
 
@@ -215,7 +198,7 @@ impl CustomOp3 for LayerNormGrad {
             .map(|(dc, (xc, gc))| {
                 let (mut dg, mut db) = (vec![0f64; d], vec![0f64; d]);
                 for ((dr, xr), gr) in dc.chunks_mut(d).zip(xc.chunks(d)).zip(gc.chunks(d)) {
-                    let (mean, r) = row_stats(xr, self.0);
+                    let (mean, r) = mean_rstd(xr, self.0);
                     let (mut s1, mut s2) = (0f32, 0f32);
                     for j in 0..d {
                         let xh = (xr[j] - mean) * r;
