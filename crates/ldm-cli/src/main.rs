@@ -171,6 +171,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
+    // Keep freed tensor buffers in the process instead of faulting them in again (see the module's docs).
+    ldm_kernels::alloc::tune();
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,

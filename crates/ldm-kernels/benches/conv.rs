@@ -55,6 +55,9 @@ fn torch_times(
 }
 
 fn main() -> Result<()> {
+    // The allocator policy of the `ldm` binary (ldm_kernels::alloc), so the figures are what users get.
+    let alloc = ldm_kernels::alloc::tune();
+    eprintln!("allocator: {alloc:?}");
     let dev = Device::Cpu;
     let p1 = ConvParams {
         stride: 1,

@@ -3,6 +3,7 @@
 //! modules that use them.
 use candle_core::{CpuStorage, Layout, Result};
 
+pub mod alloc;
 pub mod attention;
 pub mod conv;
 pub mod nn;

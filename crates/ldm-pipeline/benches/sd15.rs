@@ -165,6 +165,9 @@ fn env_usize(name: &str, default: usize) -> std::result::Result<usize, String> {
 }
 
 fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
+    // The allocator policy of the `ldm` binary (ldm_kernels::alloc), so the figures are what users get.
+    let alloc = ldm_kernels::alloc::tune();
+    eprintln!("allocator: {alloc:?}");
     let runs = env_usize("LDM_BENCH_RUNS", 3)?;
     let threads = env_usize("LDM_BENCH_THREADS", 2)?;
     // Before candle's thread pools start (they read these once).

@@ -129,6 +129,9 @@ fn parse_args() -> std::result::Result<Args, String> {
 }
 
 fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
+    // The allocator policy of the `ldm` binary (ldm_kernels::alloc), so the figures are what users get.
+    let alloc = ldm_kernels::alloc::tune();
+    eprintln!("allocator: {alloc:?}");
     let threads = std::env::var("LDM_BENCH_THREADS").unwrap_or_else(|_| "2".into());
     for var in ["RAYON_NUM_THREADS", "CANDLE_NUM_THREADS"] {
         if std::env::var_os(var).is_none() {

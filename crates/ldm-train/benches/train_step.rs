@@ -110,6 +110,9 @@ fn step(
 }
 
 fn main() -> Result<(), Error> {
+    // The allocator policy of the `ldm` binary (ldm_kernels::alloc), so the figures are what users get.
+    let alloc = ldm_kernels::alloc::tune();
+    eprintln!("allocator: {alloc:?}");
     let runs = env_usize("LDM_BENCH_RUNS", 3)?;
     let threads = env_usize("LDM_BENCH_THREADS", 2)?;
     for var in ["RAYON_NUM_THREADS", "CANDLE_NUM_THREADS"] {
