@@ -162,13 +162,24 @@ impl SafetensorsFile {
                 path: name.to_string(),
             })
         })?;
-        let bytes = &self.mmap[self.data_start + info.start..self.data_start + info.end];
-        Ok(Tensor::from_raw_buffer(
-            bytes,
+        let (start, end) = (self.data_start + info.start, self.data_start + info.end);
+        let t = Tensor::from_raw_buffer(
+            &self.mmap[start..end],
             info.dtype,
             &info.shape,
             &Device::Cpu,
-        )?)
+        )?;
+        // The tensor now owns a copy: drop the file's pages from this process's resident set, or they would count
+        // a second time in its peak until the whole map is closed. They stay in the page cache, so a second read
+        // of the same tensor only faults them back in.
+        #[cfg(unix)]
+        // SAFETY: the map is read-only (no private changes to lose), and `t` no longer borrows it; DontNeed only
+        // unmaps pages, which the next access maps again from the file.
+        let _ = unsafe {
+            self.mmap
+                .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start)
+        };
+        Ok(t)
     }
 }
 
@@ -309,6 +320,11 @@ impl WeightStore {
     }
 
     /// Loads `key` as `dtype` on `device`, in the shape models see.
+    /// Whether a delta (a merged LoRA) is added to `key` on load.
+    pub fn has_delta(&self, key: &str) -> bool {
+        self.entries.get(key).is_some_and(|e| e.delta.is_some())
+    }
+
     pub fn load(&self, key: &str, dtype: DType, device: &Device) -> Result<Tensor> {
         let entry = self.entries.get(key).ok_or_else(|| {
             Error::Candle(candle_core::Error::CannotFindTensor {
@@ -427,6 +443,7 @@ struct Requests {
 pub struct StrictLoader {
     store: Arc<WeightStore>,
     requests: Arc<Mutex<Requests>>,
+    keep_stored: bool,
 }
 
 impl StrictLoader {
@@ -434,7 +451,18 @@ impl StrictLoader {
         Self {
             store,
             requests: Arc::new(Mutex::new(Requests::default())),
+            keep_stored: false,
         }
+    }
+
+    /// Matrices and convolution kernels (rank ≥ 2) stored in f16 or bf16 are handed out in their stored dtype
+    /// when f32 is asked for on the CPU, instead of being widened at load: half the memory for an fp16
+    /// checkpoint. The models' `Linear` and `Conv2d` (`ldm_kernels::nn`) widen them for each forward pass and
+    /// every other consumer converts on build, so the outputs are bit-identical to loading in f32. Tensors with a
+    /// merged LoRA delta are f32 already. Off by default; inference turns it on.
+    pub fn keep_stored_dtype(mut self, keep: bool) -> Self {
+        self.keep_stored = keep;
+        self
     }
 
     pub fn store(&self) -> &WeightStore {
@@ -509,6 +537,18 @@ impl candle_nn::var_builder::SimpleBackend for StrictLoader {
             }
             Some(_) => {
                 drop(req);
+                let dtype = match self.store.dtype(name) {
+                    Some(stored @ (DType::F16 | DType::BF16))
+                        if self.keep_stored
+                            && dtype == DType::F32
+                            && dev.is_cpu()
+                            && want.len() >= 2
+                            && !self.store.has_delta(name) =>
+                    {
+                        stored
+                    }
+                    _ => dtype,
+                };
                 self.store
                     .load(name, dtype, dev)
                     .map_err(|e| candle_core::Error::Msg(e.to_string()))

@@ -110,3 +110,43 @@ fn strict_loader_reports_every_problem_at_once() -> R {
     assert!(report.unused.is_empty());
     Ok(())
 }
+
+#[test]
+fn keep_stored_dtype_hands_out_half_precision_matrices_only() -> R {
+    let dir = tempfile::tempdir()?;
+    let file = Arc::new(SafetensorsFile::open(&write_file(dir.path())?)?);
+    let mut store = WeightStore::new("w.safetensors");
+    store.add_file(&file, "");
+    let store = Arc::new(store);
+    let dev = Device::Cpu;
+    let get = |keep: bool| -> Result<(Tensor, Tensor, Tensor), Box<dyn std::error::Error>> {
+        let vb = StrictLoader::new(store.clone())
+            .keep_stored_dtype(keep)
+            .var_builder(DType::F32, &dev);
+        Ok((
+            vb.get((2, 3), "net.a")?,
+            vb.get(4, "net.b")?,
+            vb.get((2, 2), "extra.c")?,
+        ))
+    };
+    let (a, b, c) = get(true)?;
+    // The f16 matrix stays f16; the bf16 vector (rank 1) and the f32 matrix come as asked.
+    assert_eq!(
+        (a.dtype(), b.dtype(), c.dtype()),
+        (DType::F16, DType::F32, DType::F32)
+    );
+    let (a32, b32, c32) = get(false)?;
+    assert_eq!(a32.dtype(), DType::F32);
+    // Widening later gives exactly what widening at load gives.
+    assert_eq!(
+        a.to_dtype(DType::F32)?.to_vec2::<f32>()?,
+        a32.to_vec2::<f32>()?
+    );
+    assert_eq!(b.to_vec1::<f32>()?, b32.to_vec1::<f32>()?);
+    assert_eq!(c.to_vec2::<f32>()?, c32.to_vec2::<f32>()?);
+    // Asking for f16 itself is unaffected, and so is a second read of the same tensor (its pages were dropped
+    // from the process after the first copy and come back from the page cache).
+    let again = store.load("net.a", DType::F32, &dev)?;
+    assert_eq!(again.to_vec2::<f32>()?, a32.to_vec2::<f32>()?);
+    Ok(())
+}

@@ -8,7 +8,7 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use crate::conv::{matmul, Mat};
-use crate::f32_slice;
+use crate::{exp_f32, f32_slice, sum_f64};
 
 /// Query rows per task.
 const QUERY_BLOCK: usize = 64;
@@ -78,12 +78,10 @@ impl CustomOp3 for Attention {
             );
             for row in scores.chunks_mut(m) {
                 let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0f32;
                 for s in row.iter_mut() {
-                    *s = ((*s - max) * self.scale).exp();
-                    sum += *s;
+                    *s = exp_f32((*s - max) * self.scale);
                 }
-                let inv = 1.0 / sum;
+                let inv = (1.0 / sum_f64(row)) as f32;
                 for s in row.iter_mut() {
                     *s *= inv;
                 }

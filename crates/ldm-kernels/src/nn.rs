@@ -1,6 +1,7 @@
-//! A drop-in for `candle_nn::Conv2d` (same constructor, accessors, initialisation hints and `Module`) whose
-//! forward pass goes through [`crate::conv2d`]: our im2col + GEMM kernels with their backward pass for f32 on
-//! the CPU, candle's convolution otherwise (and for grouped convolutions).
+//! Drop-ins for `candle_nn::Conv2d`, `Linear` and `GroupNorm` (same constructors, accessors, initialisation
+//! hints and `Module`). `Conv2d`'s forward pass goes through [`crate::conv2d`]: our im2col + GEMM kernels with
+//! their backward pass for f32 on the CPU, candle's convolution otherwise (and for grouped convolutions).
+//! `Conv2d` and `Linear` also take weights kept in a narrower dtype than their input and widen them per pass.
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, Init, VarBuilder};
 
@@ -35,8 +36,19 @@ impl Conv2d {
     }
 }
 
+/// `w` in `x`'s dtype: weights kept in their stored dtype (f16/bf16 checkpoints, see
+/// `ldm_core::weights::StrictLoader::keep_stored_dtype`) are widened for the duration of one forward pass.
+fn as_dtype_of(w: &Tensor, x: &Tensor) -> Result<Tensor> {
+    if w.dtype() == x.dtype() {
+        Ok(w.clone())
+    } else {
+        w.to_dtype(x.dtype())
+    }
+}
+
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let weight = as_dtype_of(&self.weight, x)?;
         let c = &self.config;
         let p = ConvParams {
             stride: c.stride,
@@ -44,10 +56,10 @@ impl Module for Conv2d {
             dilation: c.dilation,
         };
         match (&self.bias, c.groups) {
-            (Some(b), 1) => kernel_conv2d_bias(x, &self.weight, b, p),
-            (None, 1) => kernel_conv2d(x, &self.weight, p),
+            (Some(b), 1) => kernel_conv2d_bias(x, &weight, b, p),
+            (None, 1) => kernel_conv2d(x, &weight, p),
             (bias, groups) => {
-                let y = x.conv2d(&self.weight, c.padding, c.stride, c.dilation, groups)?;
+                let y = x.conv2d(&weight, c.padding, c.stride, c.dilation, groups)?;
                 match bias {
                     None => Ok(y),
                     Some(b) => y.broadcast_add(&b.reshape((1, b.dims1()?, 1, 1))?),
@@ -101,6 +113,50 @@ pub fn conv2d_no_bias(
     vb: VarBuilder,
 ) -> Result<Conv2d> {
     Ok(Conv2d::new(weight(in_ch, out_ch, k, &cfg, &vb)?, None, cfg))
+}
+
+/// `candle_nn::Linear` (same constructor, accessors, variables and initialisation hints, through `linear` and
+/// `linear_no_bias`) whose weight may be kept in a narrower dtype than its input (f16/bf16 checkpoints loaded
+/// with `keep_stored_dtype`): it is widened for each forward pass, which gives the same result as widening at load.
+#[derive(Debug, Clone)]
+pub struct Linear(candle_nn::Linear);
+
+impl Linear {
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self(candle_nn::Linear::new(weight, bias))
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        self.0.weight()
+    }
+
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.0.bias()
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if self.0.weight().dtype() == x.dtype() {
+            return self.0.forward(x);
+        }
+        let w = self.0.weight().to_dtype(x.dtype())?;
+        let b = match self.0.bias() {
+            Some(b) => Some(as_dtype_of(b, x)?),
+            None => None,
+        };
+        candle_nn::Linear::new(w, b).forward(x)
+    }
+}
+
+/// `candle_nn::linear` returning our [`Linear`]: the same variables and initialisation hints.
+pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
+    Ok(Linear(candle_nn::linear(in_dim, out_dim, vb)?))
+}
+
+/// `candle_nn::linear_no_bias` returning our [`Linear`].
+pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
+    Ok(Linear(candle_nn::linear_no_bias(in_dim, out_dim, vb)?))
 }
 
 /// A drop-in for `candle_nn::GroupNorm` (same constructor and `Module`), through [`crate::group_norm`], with

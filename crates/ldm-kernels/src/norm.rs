@@ -9,11 +9,7 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::{f32_slice, mean_rstd, unpack_norm_grads};
-
-fn sigmoid(v: f32) -> f32 {
-    1.0 / (1.0 + (-v).exp())
-}
+use crate::{f32_slice, mean_rstd, sigmoid, sum_f64, sum_zip_f64, unpack_norm_grads};
 
 #[derive(Debug, Clone, Copy)]
 struct Norm {
@@ -129,36 +125,38 @@ impl CustomOp3 for NormGrad {
                 let (mean, r) = mean_rstd(xg, p.eps);
                 let c0 = (i % p.groups) * cg;
                 let (mut dgam, mut dbet) = (vec![0f32; cg], vec![0f32; cg]);
-                let (mut s1, mut s2) = (0f64, 0f64); // Σ dx̂, Σ dx̂·x̂
+                // dx̂ = γ·dy, so Σ dx̂ = Σ_c γ_c·dβ_c and Σ dx̂·x̂ = Σ_c γ_c·dγ_c: two sums per channel suffice.
+                let (mut s1, mut s2) = (0f64, 0f64);
                 for j in 0..cg {
                     let (ga, be) = (gamma[c0 + j], beta[c0 + j]);
                     let (xc, gc) = (&xg[j * hw..][..hw], &gg[j * hw..][..hw]);
                     let dc = &mut dxg[j * hw..][..hw];
-                    let (mut dg, mut db) = (0f64, 0f64);
-                    for ((d, &xv), &gv) in dc.iter_mut().zip(xc).zip(gc) {
-                        let xh = (xv - mean) * r;
-                        let dy = if p.silu {
-                            let y = ga * xh + be;
+                    // dc ← dy (the SiLU's derivative applied when fused).
+                    if p.silu {
+                        for ((d, &xv), &gv) in dc.iter_mut().zip(xc).zip(gc) {
+                            let y = ga * ((xv - mean) * r) + be;
                             let s = sigmoid(y);
-                            gv * s * (1.0 + y * (1.0 - s))
-                        } else {
-                            gv
-                        };
-                        dg += f64::from(dy * xh);
-                        db += f64::from(dy);
-                        let dxh = dy * ga;
-                        s1 += f64::from(dxh);
-                        s2 += f64::from(dxh * xh);
-                        *d = dxh; // finished below
+                            *d = gv * s * (1.0 + y * (1.0 - s));
+                        }
+                    } else {
+                        dc.copy_from_slice(gc);
                     }
+                    let db = sum_f64(dc);
+                    let dg = sum_zip_f64(dc, xc, |dy, xv| dy * ((xv - mean) * r));
+                    s1 += f64::from(ga) * db;
+                    s2 += f64::from(ga) * dg;
                     dgam[j] = dg as f32;
                     dbet[j] = db as f32;
                 }
                 let m = (cg * hw) as f64;
                 let (m1, m2) = ((s1 / m) as f32, (s2 / m) as f32);
-                for (d, &xv) in dxg.iter_mut().zip(xg) {
-                    let xh = (xv - mean) * r;
-                    *d = r * (*d - m1 - xh * m2);
+                for j in 0..cg {
+                    let ga = gamma[c0 + j];
+                    let xc = &xg[j * hw..][..hw];
+                    for (d, &xv) in dxg[j * hw..][..hw].iter_mut().zip(xc) {
+                        let xh = (xv - mean) * r;
+                        *d = r * (ga * *d - m1 - xh * m2);
+                    }
                 }
                 (dgam, dbet)
             })

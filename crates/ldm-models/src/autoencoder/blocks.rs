@@ -205,7 +205,8 @@ impl PixelLinear {
         let weight = match vb.get((channels, channels, 1, 1), "weight") {
             Ok(w) => w.reshape((channels, channels))?,
             Err(err) => vb.get((channels, channels), "weight").map_err(|_| err)?,
-        };
+        }
+        .to_dtype(vb.dtype())?;
         let bias = vb.get(channels, "bias")?.reshape((channels, 1))?;
         Ok(Self { weight, bias })
     }

@@ -54,7 +54,10 @@ impl VectorQuantizer {
                 );
             }
         }
-        Self::from_codebook(vb.get((n_embed, embed_dim), "weight")?)
+        Self::from_codebook(
+            vb.get((n_embed, embed_dim), "weight")?
+                .to_dtype(vb.dtype())?,
+        )
     }
 
     /// A quantiser over the rows of `codebook` `[n_embed, embed_dim]`.

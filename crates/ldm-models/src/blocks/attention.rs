@@ -15,7 +15,8 @@
 //! balanced chunks; every query row is computed by the same operations either way (on CPU the results are
 //! bit-identical unless a chunk is only a few rows, where gemm may switch kernels: see the tests).
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
+use ldm_kernels::nn::Linear;
 
 /// Largest attention-score tensor (in bytes) materialised at once: 256 MiB.
 pub const MAX_SCORE_BYTES: usize = 256 << 20;
@@ -43,10 +44,10 @@ impl CrossAttention {
         let inner = num_heads * head_dim;
         let kv_dim = context_dim.unwrap_or(query_dim);
         Ok(Self {
-            to_q: candle_nn::linear_no_bias(query_dim, inner, vb.pp("to_q"))?,
-            to_k: candle_nn::linear_no_bias(kv_dim, inner, vb.pp("to_k"))?,
-            to_v: candle_nn::linear_no_bias(kv_dim, inner, vb.pp("to_v"))?,
-            to_out: candle_nn::linear(inner, query_dim, vb.pp("to_out").pp("0"))?,
+            to_q: ldm_kernels::nn::linear_no_bias(query_dim, inner, vb.pp("to_q"))?,
+            to_k: ldm_kernels::nn::linear_no_bias(kv_dim, inner, vb.pp("to_k"))?,
+            to_v: ldm_kernels::nn::linear_no_bias(kv_dim, inner, vb.pp("to_v"))?,
+            to_out: ldm_kernels::nn::linear(inner, query_dim, vb.pp("to_out").pp("0"))?,
             num_heads,
             head_dim,
             max_score_bytes: MAX_SCORE_BYTES,

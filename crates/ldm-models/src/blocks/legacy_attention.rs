@@ -20,7 +20,8 @@
 use super::attention::{attention, MAX_SCORE_BYTES};
 use super::resnet::RES_GROUP_NORM_EPS;
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
+use ldm_kernels::nn::Linear;
 use ldm_kernels::GroupNorm;
 
 #[derive(Debug, Clone)]

@@ -19,7 +19,8 @@
 //!
 //! The 3×3 skip convolution (`use_conv=True`) is used by no UNet layout and is not built.
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2dConfig, Linear, VarBuilder};
+use candle_nn::{Conv2dConfig, VarBuilder};
+use ldm_kernels::nn::Linear;
 use ldm_kernels::{Conv2d, GroupNorm};
 
 /// eps of `normalization()` (torch's GroupNorm default).
@@ -128,7 +129,7 @@ impl ResBlock {
                 vi.pp("0"),
             )?,
             in_conv: conv3x3(in_channels, out_channels, vi.pp("2"))?,
-            emb_proj: candle_nn::linear(emb_channels, emb_out, vb.pp("emb_layers").pp("1"))?,
+            emb_proj: ldm_kernels::nn::linear(emb_channels, emb_out, vb.pp("emb_layers").pp("1"))?,
             out_norm: ldm_kernels::nn::group_norm(
                 num_groups,
                 out_channels,

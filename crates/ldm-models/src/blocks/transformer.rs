@@ -17,8 +17,9 @@
 //! exact (erf) GELU; keys `ff.net.0.proj` and `ff.net.2` (`ff.net.1` is Dropout).
 use super::attention::CrossAttention;
 use crate::ops::LayerNorm;
-use candle_core::{Module, Result, Tensor, D};
-use candle_nn::{Conv2dConfig, Linear, VarBuilder};
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{Conv2dConfig, VarBuilder};
+use ldm_kernels::nn::Linear;
 use ldm_kernels::{Conv2d, GroupNorm};
 
 /// eps of the transformer's `Normalize` GroupNorm.
@@ -36,17 +37,14 @@ impl FeedForward {
     pub fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
         let inner = 4 * dim;
         Ok(Self {
-            proj: candle_nn::linear(dim, 2 * inner, vb.pp("net").pp("0").pp("proj"))?,
-            out: candle_nn::linear(inner, dim, vb.pp("net").pp("2"))?,
+            proj: ldm_kernels::nn::linear(dim, 2 * inner, vb.pp("net").pp("0").pp("proj"))?,
+            out: ldm_kernels::nn::linear(inner, dim, vb.pp("net").pp("2"))?,
         })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.proj.forward(x)?; // [B, N, 2·inner]
-        let inner = h.dim(D::Minus1)? / 2;
-        let value = h.narrow(D::Minus1, 0, inner)?;
-        let gate = h.narrow(D::Minus1, inner, inner)?.gelu_erf()?;
-        self.out.forward(&(value * gate)?)
+        let h = self.proj.forward(x)?; // [B, N, 2·inner]: value, gate
+        self.out.forward(&ldm_kernels::geglu(&h)?)
     }
 }
 
@@ -119,7 +117,7 @@ enum Projection {
 impl Projection {
     fn new(in_dim: usize, out_dim: usize, linear: bool, vb: VarBuilder) -> Result<Self> {
         Ok(if linear {
-            Projection::Linear(candle_nn::linear(in_dim, out_dim, vb)?)
+            Projection::Linear(ldm_kernels::nn::linear(in_dim, out_dim, vb)?)
         } else {
             Projection::Conv(ldm_kernels::nn::conv2d(
                 in_dim,

@@ -64,8 +64,9 @@ impl ClassEmbedder {
                 )));
             }
         }
-        let embedding =
-            candle_nn::embedding(config.n_classes, config.embed_dim, vb.pp("embedding"))?;
+        let table = candle_nn::embedding(config.n_classes, config.embed_dim, vb.pp("embedding"))?;
+        // In the builder's dtype even when the loader keeps an f16 checkpoint's matrices as stored.
+        let embedding = Embedding::new(table.embeddings().to_dtype(vb.dtype())?, config.embed_dim);
         Ok(Self {
             embedding,
             config: config.clone(),

@@ -3,7 +3,8 @@
 //! (`text_model`). Reference: transformers `models/clip/modeling_clip.py` (v4.x).
 use crate::ops::layer_norm;
 use candle_core::{Result, Tensor};
-use candle_nn::{linear, VarBuilder};
+use candle_nn::VarBuilder;
+use ldm_kernels::nn::linear;
 
 use super::config::TextConfig;
 use super::transformer::{TextBlock, TextTransformer, LN_EPS};
@@ -16,7 +17,7 @@ fn block(cfg: &TextConfig, vb: VarBuilder) -> Result<TextBlock> {
         Ok((vb.get((d, d), "weight")?, vb.get(d, "bias")?))
     };
     let (q, k, v) = (proj("q_proj")?, proj("k_proj")?, proj("v_proj")?);
-    let qkv = candle_nn::Linear::new(
+    let qkv = ldm_kernels::nn::Linear::new(
         Tensor::cat(&[&q.0, &k.0, &v.0], 0)?,
         Some(Tensor::cat(&[&q.1, &k.1, &v.1], 0)?),
     );
@@ -40,8 +41,12 @@ impl TextTransformer {
             .map(|i| block(config, vb.pp(format!("encoder.layers.{i}"))))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
-            token_embedding: emb.get((config.vocab_size, d), "token_embedding.weight")?,
-            position_embedding: emb.get((config.max_positions, d), "position_embedding.weight")?,
+            token_embedding: emb
+                .get((config.vocab_size, d), "token_embedding.weight")?
+                .to_dtype(vb.dtype())?,
+            position_embedding: emb
+                .get((config.max_positions, d), "position_embedding.weight")?
+                .to_dtype(vb.dtype())?,
             blocks,
             final_norm: layer_norm(d, LN_EPS, vb.pp("final_layer_norm"))?,
             config: config.clone(),

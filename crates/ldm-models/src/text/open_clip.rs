@@ -3,7 +3,8 @@
 //! open_clip `transformer.py` `ResidualAttentionBlock` with `nn.MultiheadAttention`, fused `in_proj`).
 use crate::ops::layer_norm;
 use candle_core::Result;
-use candle_nn::{linear, Linear, VarBuilder};
+use candle_nn::VarBuilder;
+use ldm_kernels::nn::{linear, Linear};
 
 use super::config::TextConfig;
 use super::transformer::{TextBlock, TextTransformer, LN_EPS};
@@ -36,8 +37,12 @@ impl TextTransformer {
             .map(|i| block(config, vb.pp(format!("transformer.resblocks.{i}"))))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
-            token_embedding: vb.get((config.vocab_size, d), "token_embedding.weight")?,
-            position_embedding: vb.get((config.max_positions, d), "positional_embedding")?,
+            token_embedding: vb
+                .get((config.vocab_size, d), "token_embedding.weight")?
+                .to_dtype(vb.dtype())?,
+            position_embedding: vb
+                .get((config.max_positions, d), "positional_embedding")?
+                .to_dtype(vb.dtype())?,
             blocks,
             final_norm: layer_norm(d, LN_EPS, vb.pp("ln_final"))?,
             config: config.clone(),

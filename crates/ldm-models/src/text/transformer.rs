@@ -14,7 +14,7 @@
 //! | LN_final | `final_norm`            | `final_layer_norm`                    | `ln_final`                   |
 use crate::ops::LayerNorm;
 use candle_core::{DType, Device, Module, Result, Tensor, D};
-use candle_nn::Linear;
+use ldm_kernels::nn::Linear;
 
 use super::config::{Activation, TextConfig};
 

@@ -25,7 +25,8 @@
 //! In `layers.{n}.{m}`, `m` = 0 is the norm, 1 the attention/feed-forward, 2 the weightless `Residual`.
 use crate::ops::{layer_norm, LayerNorm};
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{linear, linear_no_bias, Linear, VarBuilder};
+use candle_nn::VarBuilder;
+use ldm_kernels::nn::{linear, linear_no_bias, Linear};
 use serde::{Deserialize, Serialize};
 
 /// LayerNorm epsilon (`nn.LayerNorm` default).
@@ -312,16 +313,20 @@ impl XTransformer {
             .map(|i| XBlock::load(config, i, &vb))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
-            token_emb: vb.get_with_hints(
-                (config.vocab_size, config.dim),
-                "token_emb.weight",
-                EMB_INIT,
-            )?,
-            pos_emb: vb.get_with_hints(
-                (config.max_seq_len, config.dim),
-                "pos_emb.emb.weight",
-                EMB_INIT,
-            )?,
+            token_emb: vb
+                .get_with_hints(
+                    (config.vocab_size, config.dim),
+                    "token_emb.weight",
+                    EMB_INIT,
+                )?
+                .to_dtype(vb.dtype())?,
+            pos_emb: vb
+                .get_with_hints(
+                    (config.max_seq_len, config.dim),
+                    "pos_emb.emb.weight",
+                    EMB_INIT,
+                )?
+                .to_dtype(vb.dtype())?,
             blocks,
             norm: layer_norm(config.dim, LN_EPS, vb.pp("norm"))?,
             config: config.clone(),

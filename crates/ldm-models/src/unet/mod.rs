@@ -30,7 +30,8 @@ use crate::blocks::resnet::{conv3x3, ResBlock, ResBlockOptions, Resample, RES_GR
 use crate::blocks::sample::{Downsample, Upsample};
 use crate::blocks::transformer::{SpatialTransformer, TransformerShape};
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{Embedding, Linear, VarBuilder};
+use candle_nn::{Embedding, VarBuilder};
+use ldm_kernels::nn::Linear;
 use ldm_kernels::{Conv2d, GroupNorm};
 
 /// One entry of a `TimestepEmbedSequential`.
@@ -182,11 +183,17 @@ impl Unet {
         let mc = cfg.model_channels;
         let emb_dim = cfg.time_embed_dim();
         let time_embed = [
-            candle_nn::linear(mc, emb_dim, vb.pp("time_embed").pp("0"))?,
-            candle_nn::linear(emb_dim, emb_dim, vb.pp("time_embed").pp("2"))?,
+            ldm_kernels::nn::linear(mc, emb_dim, vb.pp("time_embed").pp("0"))?,
+            ldm_kernels::nn::linear(emb_dim, emb_dim, vb.pp("time_embed").pp("2"))?,
         ];
         let label_emb = match cfg.num_classes {
-            Some(n) => Some(candle_nn::embedding(n, emb_dim, vb.pp("label_emb"))?),
+            Some(n) => {
+                let table = candle_nn::embedding(n, emb_dim, vb.pp("label_emb"))?;
+                Some(Embedding::new(
+                    table.embeddings().to_dtype(vb.dtype())?,
+                    emb_dim,
+                ))
+            }
             None => None,
         };
 

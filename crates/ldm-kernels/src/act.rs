@@ -1,0 +1,242 @@
+//! GEGLU (Shazeer 2020), the feed-forward activation of every transformer block of the LDM UNet:
+//! for h = [a; g] split in halves along the last dimension, y = a ⊙ GELU(g) with the exact (erf) GELU, as
+//! `ldm.modules.attention.GEGLU` and diffusers' `GEGLU` compute it. candle builds it from two strided views, an
+//! erf-GELU that calls a scalar erf per value, and a product (each a pass, with its own backward node); this is
+//! one vectorisable pass each way over the contiguous rows of h.
+//!
+//! Backward, from dy: da = dy·GELU(g), dg = dy·a·GELU′(g) with GELU′(g) = Φ(g) + g·φ(g).
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
+use rayon::prelude::*;
+
+use crate::{exp_f32, f32_slice};
+
+/// erf(x) in f32 without a libm call: x·P(x²)/Q(x²) on |x| ≤ 3.92 (beyond, erf rounds to ±1 in f32), a rational
+/// approximation fitted for ldm-rs by reweighted least squares in f64 (tools/fixtures/erf_fit.py). Relative
+/// error ≤ 4e-7 in f32 arithmetic (about 3 ulp; libm's erff is within 1 ulp).
+#[inline(always)]
+pub(crate) fn erf_f32(x: f32) -> f32 {
+    // Printed by tools/fixtures/erf_fit.py.
+    const P: [f32; 7] = [
+        std::f32::consts::FRAC_2_SQRT_PI,
+        0.185_109_93,
+        0.054_255_534,
+        0.003_839_534_2,
+        0.000_377_392,
+        4.626_695e-6,
+        -1.288_828_3e-8,
+    ];
+    const Q: [f32; 6] = [
+        1.0,
+        0.497_382_82,
+        0.113_876_484,
+        0.015_434_056,
+        0.001_302_563_4,
+        6.256_471e-5,
+    ];
+    let x = x.clamp(-3.92, 3.92);
+    let t = x * x;
+    let p = P[6];
+    let p = p * t + P[5];
+    let p = p * t + P[4];
+    let p = p * t + P[3];
+    let p = p * t + P[2];
+    let p = p * t + P[1];
+    let p = p * t + P[0];
+    let q = Q[5];
+    let q = q * t + Q[4];
+    let q = q * t + Q[3];
+    let q = q * t + Q[2];
+    let q = q * t + Q[1];
+    let q = q * t + Q[0];
+    x * p / q
+}
+
+/// Φ(g) (the standard normal CDF).
+#[inline(always)]
+fn cdf(g: f32) -> f32 {
+    0.5 * (1.0 + erf_f32(g * std::f32::consts::FRAC_1_SQRT_2))
+}
+
+/// φ(g) (the standard normal density).
+#[inline(always)]
+fn pdf(g: f32) -> f32 {
+    const INV_SQRT_2PI: f32 = 0.398_942_3;
+    INV_SQRT_2PI * exp_f32(-0.5 * g * g)
+}
+
+/// Rows of length 2·inner per parallel task (about 64 Ki values).
+fn rows_per_task(width: usize) -> usize {
+    (1 << 16) / width.max(1) + 1
+}
+
+fn inner_of(l: &Layout) -> Result<usize> {
+    match l.dims().last() {
+        Some(&w) if w > 0 && w % 2 == 0 => Ok(w / 2),
+        _ => candle_core::bail!(
+            "geglu: the last dimension of {:?} must be even (value and gate halves)",
+            l.dims()
+        ),
+    }
+}
+
+struct Geglu;
+
+impl CustomOp1 for Geglu {
+    fn name(&self) -> &'static str {
+        "ldm-geglu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let inner = inner_of(l)?;
+        let h = f32_slice(s, l, "geglu", "input")?;
+        let mut y = vec![0f32; h.len() / 2];
+        let rows = rows_per_task(2 * inner);
+        y.par_chunks_mut(rows * inner)
+            .zip(h.par_chunks(rows * 2 * inner))
+            .for_each(|(yc, hc)| {
+                for (yr, hr) in yc.chunks_mut(inner).zip(hc.chunks(2 * inner)) {
+                    let (a, g) = hr.split_at(inner);
+                    for ((o, &av), &gv) in yr.iter_mut().zip(a).zip(g) {
+                        *o = av * gv * cdf(gv);
+                    }
+                }
+            });
+        let mut dims = l.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = inner;
+        }
+        Ok((CpuStorage::F32(y), Shape::from(dims)))
+    }
+
+    fn bwd(&self, h: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(h.apply_op2_no_bwd(&grad.contiguous()?, &GegluGrad)?))
+    }
+}
+
+/// (h, dy) → dh = [dy·GELU(g); dy·a·GELU′(g)].
+struct GegluGrad;
+
+impl CustomOp2 for GegluGrad {
+    fn name(&self) -> &'static str {
+        "ldm-geglu-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let inner = inner_of(l1)?;
+        let (h, dy) = (
+            f32_slice(s1, l1, "geglu", "input")?,
+            f32_slice(s2, l2, "geglu", "gradient")?,
+        );
+        if dy.len() * 2 != h.len() {
+            candle_core::bail!("geglu backward: inconsistent sizes");
+        }
+        let mut dh = vec![0f32; h.len()];
+        let rows = rows_per_task(2 * inner);
+        dh.par_chunks_mut(rows * 2 * inner)
+            .zip(
+                h.par_chunks(rows * 2 * inner)
+                    .zip(dy.par_chunks(rows * inner)),
+            )
+            .for_each(|(dc, (hc, gc))| {
+                for ((dr, hr), gr) in dc
+                    .chunks_mut(2 * inner)
+                    .zip(hc.chunks(2 * inner))
+                    .zip(gc.chunks(inner))
+                {
+                    let (a, g) = hr.split_at(inner);
+                    let (da, dg) = dr.split_at_mut(inner);
+                    for ((((dav, dgv), &av), &gv), &d) in
+                        da.iter_mut().zip(dg).zip(a).zip(g).zip(gr)
+                    {
+                        let phi = cdf(gv);
+                        *dav = d * gv * phi;
+                        *dgv = d * av * (phi + gv * pdf(gv));
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(dh), l1.shape().clone()))
+    }
+}
+
+/// a ⊙ GELU(g) for h = [a; g] halved along the last dimension (erf GELU), differentiable; our kernel for f32 on
+/// the CPU, candle's ops otherwise.
+pub fn geglu(h: &Tensor) -> Result<Tensor> {
+    if h.device().is_cpu() && h.dtype() == DType::F32 {
+        return h.contiguous()?.apply_op1(Geglu);
+    }
+    let inner = h.dim(D::Minus1)? / 2;
+    let value = h.narrow(D::Minus1, 0, inner)?;
+    let gate = h.narrow(D::Minus1, inner, inner)?.gelu_erf()?;
+    value * gate
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{grad_gaps, max_rel};
+    use candle_core::{Device, Var};
+
+    /// erf by its Maclaurin series in f64 (exact to ~1e-9 on |x| ≤ 4, far below f32's resolution).
+    fn erf_series(x: f64) -> f64 {
+        let (mut term, mut sum, mut n) = (x, x, 0f64);
+        while term.abs() > 1e-18 * sum.abs().max(1e-300) && n < 200.0 {
+            n += 1.0;
+            term *= -x * x / n;
+            sum += term / (2.0 * n + 1.0);
+        }
+        sum * 2.0 / std::f64::consts::PI.sqrt()
+    }
+
+    #[test]
+    fn erf_f32_is_within_4e_7() {
+        let mut worst = 0f64;
+        let mut x = -4.5f32;
+        while x <= 4.5 {
+            let want = if x.abs() > 4.0 {
+                x.signum() as f64
+            } else {
+                erf_series(f64::from(x))
+            };
+            let got = f64::from(erf_f32(x));
+            if want != 0.0 {
+                worst = worst.max((got - want).abs() / want.abs());
+            }
+            x += 0.001_3;
+        }
+        assert!(worst < 4e-7, "worst relative error {worst:e}");
+        assert_eq!(erf_f32(0.0), 0.0);
+        assert_eq!(erf_f32(100.0), erf_f32(3.92));
+        assert!(erf_f32(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn geglu_matches_candle_forward_and_backward() -> Result<()> {
+        let dev = Device::Cpu;
+        for shape in [(2usize, 5usize, 12usize), (3, 1, 2), (1, 700, 40)] {
+            let h = Var::from_tensor(&Tensor::randn(0f32, 2.0, shape, &dev)?)?;
+            let ours = geglu(h.as_tensor())?;
+            let inner = shape.2 / 2;
+            let t = h.as_tensor();
+            let theirs = (t.narrow(2, 0, inner)? * t.narrow(2, inner, inner)?.gelu_erf()?)?;
+            assert_eq!(ours.dims(), theirs.dims());
+            assert!(max_rel(&ours, &theirs)? < 1e-6, "forward {shape:?}");
+            let gaps = grad_gaps(&ours, &theirs, &[&h])?;
+            assert!(gaps[0] < 1e-5, "gradient {shape:?}: {gaps:?}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn an_odd_last_dimension_is_an_error() -> Result<()> {
+        let h = Tensor::zeros((2, 3), DType::F32, &Device::Cpu)?;
+        let err = geglu(&h).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("must be even"), "{err}");
+        Ok(())
+    }
+}
