@@ -8,7 +8,7 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use crate::{exp_f32, f32_slice};
+use crate::{exp_f32, f32_slice, simd_fn};
 
 /// erf(x) in f32 without a libm call: x·P(x²)/Q(x²) on |x| ≤ 3.92 (beyond, erf rounds to ±1 in f32), a rational
 /// approximation fitted for ldm-rs by reweighted least squares in f64 (tools/fixtures/erf_fit.py). Relative
@@ -93,14 +93,7 @@ impl CustomOp1 for Geglu {
         let rows = rows_per_task(2 * inner);
         y.par_chunks_mut(rows * inner)
             .zip(h.par_chunks(rows * 2 * inner))
-            .for_each(|(yc, hc)| {
-                for (yr, hr) in yc.chunks_mut(inner).zip(hc.chunks(2 * inner)) {
-                    let (a, g) = hr.split_at(inner);
-                    for ((o, &av), &gv) in yr.iter_mut().zip(a).zip(g) {
-                        *o = av * gv * cdf(gv);
-                    }
-                }
-            });
+            .for_each(|(yc, hc)| geglu_rows(yc, hc, inner));
         let mut dims = l.dims().to_vec();
         if let Some(last) = dims.last_mut() {
             *last = inner;
@@ -143,24 +136,35 @@ impl CustomOp2 for GegluGrad {
                 h.par_chunks(rows * 2 * inner)
                     .zip(dy.par_chunks(rows * inner)),
             )
-            .for_each(|(dc, (hc, gc))| {
-                for ((dr, hr), gr) in dc
-                    .chunks_mut(2 * inner)
-                    .zip(hc.chunks(2 * inner))
-                    .zip(gc.chunks(inner))
-                {
-                    let (a, g) = hr.split_at(inner);
-                    let (da, dg) = dr.split_at_mut(inner);
-                    for ((((dav, dgv), &av), &gv), &d) in
-                        da.iter_mut().zip(dg).zip(a).zip(g).zip(gr)
-                    {
-                        let phi = cdf(gv);
-                        *dav = d * gv * phi;
-                        *dgv = d * av * (phi + gv * pdf(gv));
-                    }
-                }
-            });
+            .for_each(|(dc, (hc, gc))| geglu_grad_rows(dc, hc, gc, inner));
         Ok((CpuStorage::F32(dh), l1.shape().clone()))
+    }
+}
+
+simd_fn! {
+    /// Rows of `h` (2·inner each) → rows of y (inner each).
+    fn geglu_rows(y: &mut [f32], h: &[f32], inner: usize) {
+        for (yr, hr) in y.chunks_mut(inner).zip(h.chunks(2 * inner)) {
+            let (a, g) = hr.split_at(inner);
+            for ((o, &av), &gv) in yr.iter_mut().zip(a).zip(g) {
+                *o = av * gv * cdf(gv);
+            }
+        }
+    }
+}
+
+simd_fn! {
+    /// Rows of (h, dy) → rows of dh.
+    fn geglu_grad_rows(dh: &mut [f32], h: &[f32], dy: &[f32], inner: usize) {
+        for ((dr, hr), gr) in dh.chunks_mut(2 * inner).zip(h.chunks(2 * inner)).zip(dy.chunks(inner)) {
+            let (a, g) = hr.split_at(inner);
+            let (da, dg) = dr.split_at_mut(inner);
+            for ((((dav, dgv), &av), &gv), &d) in da.iter_mut().zip(dg).zip(a).zip(g).zip(gr) {
+                let phi = cdf(gv);
+                *dav = d * gv * phi;
+                *dgv = d * av * (phi + gv * pdf(gv));
+            }
+        }
     }
 }
 

@@ -7,13 +7,21 @@
 //! of its samples in page faults, page clearing and memset. [`tune`] keeps freed memory in the process
 //! instead. Measured on `cargo bench -p ldm-train --bench train_step` (four steps, two runs each way): minor
 //! faults 1.34 M → 0.24 M, system time 5.4 s → 1.3 s, the step 3.39/3.43 s → 2.73/2.67 s, peak RSS +2 %. On the
-//! SD VAE decode to 512² (`--bench sd15 -- vae`): 40.9 s → 32.3 s, peak RSS 1144 → 1284 MiB (blocks above
-//! 32 MiB are still mapped and unmapped by glibc).
+//! SD VAE decode to 512² (`--bench sd15 -- vae`): 40.9 s → 32.3 s, peak RSS 1144 → 1284 MiB with the threshold
+//! and trim settings; turning per-block mmaps off as well took its minor faults from 2.63 M to 0.33 M and its
+//! system time from 9.0 s to 1.4 s, peak RSS +1 % (both under load, so no wall-time figure).
+//!
+//! The price: memory freed after a peak stays with the process (its RSS does not drop back), which suits a CLI
+//! run and a server that will need that memory again for the next image.
 //!
 //! Only the `ldm` binary and our benchmarks call it: a library must not change its host's allocator. A user's
 //! own `GLIBC_TUNABLES` malloc settings win (nothing is changed then), and `LDM_ALLOC=system` keeps glibc's
 //! defaults (for comparisons). On other C libraries it does nothing.
 
+/// No block is served by its own mmap: blocks above 32 MiB (GEGLU and attention buffers of the SD UNet, the VAE
+/// decoder's 512² feature maps) come from the heap too and are reused, instead of being mapped and unmapped at
+/// each use. (glibc still falls back to mmap when the heap cannot grow.)
+pub const MMAP_MAX: usize = 0;
 /// Blocks up to this size come from the heap and are reused (glibc's ceiling for the setting on 64-bit: half of
 /// its 64 MiB arena heap).
 pub const MMAP_THRESHOLD: usize = 32 << 20;
@@ -25,7 +33,7 @@ pub const TOP_PAD: usize = 256 << 20;
 /// What [`tune`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Tuned {
-    /// The three settings were applied.
+    /// The four settings were applied.
     Applied,
     /// The user's `GLIBC_TUNABLES` already sets malloc options; nothing was changed.
     UserSettings,
@@ -53,7 +61,8 @@ mod imp {
     use super::*;
 
     pub(super) fn tune() -> Tuned {
-        let settings: [(&str, libc::c_int, usize); 3] = [
+        let settings: [(&str, libc::c_int, usize); 4] = [
+            ("M_MMAP_MAX", libc::M_MMAP_MAX, MMAP_MAX),
             ("M_MMAP_THRESHOLD", libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD),
             ("M_TRIM_THRESHOLD", libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD),
             ("M_TOP_PAD", libc::M_TOP_PAD, TOP_PAD),

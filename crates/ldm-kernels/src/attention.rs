@@ -8,7 +8,7 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use crate::conv::{matmul, Mat};
-use crate::{exp_f32, f32_slice, sum_f64};
+use crate::{f32_slice, softmax_rows_in_place};
 
 /// Query rows per task.
 const QUERY_BLOCK: usize = 64;
@@ -76,16 +76,7 @@ impl CustomOp3 for Attention {
                 Mat::transposed(kh, d),
                 Parallelism::None,
             );
-            for row in scores.chunks_mut(m) {
-                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                for s in row.iter_mut() {
-                    *s = exp_f32((*s - max) * self.scale);
-                }
-                let inv = (1.0 / sum_f64(row)) as f32;
-                for s in row.iter_mut() {
-                    *s *= inv;
-                }
-            }
+            softmax_rows_in_place(&mut scores, m, self.scale);
             // o[rows, dv] = p[rows, m] · v[m, dv]
             matmul(
                 (rows, dv, m),

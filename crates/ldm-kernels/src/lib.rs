@@ -17,6 +17,59 @@ pub use nn::{Conv2d, GroupNorm, Linear};
 pub use norm::{group_norm, silu};
 pub use rows::{layer_norm, softmax_last_dim};
 
+/// Whether this x86-64 CPU has AVX2 and FMA (checked once by std, then a cached load).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+pub(crate) fn has_avx2_fma() -> bool {
+    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+}
+
+/// Defines `fn name(args) -> ret { body }` twice: as written (the portable build: SSE2 on x86-64, NEON on
+/// arm64) and compiled for AVX2+FMA, and picks the second at run time where the CPU has them. The binary then
+/// still runs on any x86-64, while our elementwise loops (exp, erf, norms) get 8-wide vectors; gemm does the same
+/// for its own kernels. Arguments must be plain values or references (no generics).
+macro_rules! simd_fn {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$m])*
+        #[allow(clippy::too_many_arguments)]
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            #[allow(clippy::too_many_arguments)]
+            fn portable($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
+                    portable($($arg),*)
+                }
+                if $crate::has_avx2_fma() {
+                    // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            portable($($arg),*)
+        }
+    };
+}
+pub(crate) use simd_fn;
+
+simd_fn! {
+    /// Each row of `rows` (rows of length `d`) ← softmax(scale · row), in place.
+    pub(crate) fn softmax_rows_in_place(rows: &mut [f32], d: usize, scale: f32) {
+        for row in rows.chunks_mut(d) {
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            for v in row.iter_mut() {
+                *v = exp_f32((*v - max) * scale);
+            }
+            let inv = (1.0 / sum_f64(row)) as f32;
+            for v in row.iter_mut() {
+                *v *= inv;
+            }
+        }
+    }
+}
+
 /// The contiguous f32 values of a CPU storage; `what` names the operand in the error.
 pub(crate) fn f32_slice<'a>(
     s: &'a CpuStorage,

@@ -9,7 +9,7 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::{f32_slice, mean_rstd, sigmoid, sum_f64, sum_zip_f64, unpack_norm_grads};
+use crate::{f32_slice, mean_rstd, sigmoid, simd_fn, sum_f64, sum_zip_f64, unpack_norm_grads};
 
 #[derive(Debug, Clone, Copy)]
 struct Norm {
@@ -59,15 +59,17 @@ impl CustomOp3 for Norm {
             .zip(x.par_chunks(cg * hw))
             .enumerate()
             .for_each(|(i, (o, xg))| {
-                let (mean, r) = mean_rstd(xg, self.eps);
                 let c0 = (i % self.groups) * cg;
-                for (j, (oc, xc)) in o.chunks_mut(hw).zip(xg.chunks(hw)).enumerate() {
-                    let (a, b) = (gamma[c0 + j] * r, beta[c0 + j] - gamma[c0 + j] * r * mean);
-                    for (ov, &xv) in oc.iter_mut().zip(xc) {
-                        let y = a * xv + b;
-                        *ov = if self.silu { y * sigmoid(y) } else { y };
-                    }
-                }
+                let range = c0..c0 + cg;
+                group_forward(
+                    o,
+                    xg,
+                    &gamma[range.clone()],
+                    &beta[range],
+                    hw,
+                    self.eps,
+                    self.silu,
+                );
             });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
@@ -122,43 +124,18 @@ impl CustomOp3 for NormGrad {
             .zip(x.par_chunks(cg * hw).zip(g.par_chunks(cg * hw)))
             .enumerate()
             .map(|(i, (dxg, (xg, gg)))| {
-                let (mean, r) = mean_rstd(xg, p.eps);
                 let c0 = (i % p.groups) * cg;
-                let (mut dgam, mut dbet) = (vec![0f32; cg], vec![0f32; cg]);
-                // dx̂ = γ·dy, so Σ dx̂ = Σ_c γ_c·dβ_c and Σ dx̂·x̂ = Σ_c γ_c·dγ_c: two sums per channel suffice.
-                let (mut s1, mut s2) = (0f64, 0f64);
-                for j in 0..cg {
-                    let (ga, be) = (gamma[c0 + j], beta[c0 + j]);
-                    let (xc, gc) = (&xg[j * hw..][..hw], &gg[j * hw..][..hw]);
-                    let dc = &mut dxg[j * hw..][..hw];
-                    // dc ← dy (the SiLU's derivative applied when fused).
-                    if p.silu {
-                        for ((d, &xv), &gv) in dc.iter_mut().zip(xc).zip(gc) {
-                            let y = ga * ((xv - mean) * r) + be;
-                            let s = sigmoid(y);
-                            *d = gv * s * (1.0 + y * (1.0 - s));
-                        }
-                    } else {
-                        dc.copy_from_slice(gc);
-                    }
-                    let db = sum_f64(dc);
-                    let dg = sum_zip_f64(dc, xc, |dy, xv| dy * ((xv - mean) * r));
-                    s1 += f64::from(ga) * db;
-                    s2 += f64::from(ga) * dg;
-                    dgam[j] = dg as f32;
-                    dbet[j] = db as f32;
-                }
-                let m = (cg * hw) as f64;
-                let (m1, m2) = ((s1 / m) as f32, (s2 / m) as f32);
-                for j in 0..cg {
-                    let ga = gamma[c0 + j];
-                    let xc = &xg[j * hw..][..hw];
-                    for (d, &xv) in dxg[j * hw..][..hw].iter_mut().zip(xc) {
-                        let xh = (xv - mean) * r;
-                        *d = r * (ga * *d - m1 - xh * m2);
-                    }
-                }
-                (dgam, dbet)
+                let range = c0..c0 + cg;
+                group_backward(
+                    dxg,
+                    xg,
+                    gg,
+                    &gamma[range.clone()],
+                    &beta[range],
+                    hw,
+                    p.eps,
+                    p.silu,
+                )
             })
             .collect();
         let mut out = dx;
@@ -174,6 +151,106 @@ impl CustomOp3 for NormGrad {
         out.extend(dbeta);
         let len = out.len();
         Ok((CpuStorage::F32(out), Shape::from(len)))
+    }
+}
+
+simd_fn! {
+    /// One (item, group) of the forward pass: `xg` holds the group's channels of `hw` values each, `gamma` and
+    /// `beta` their parameters.
+    fn group_forward(
+        o: &mut [f32],
+        xg: &[f32],
+        gamma: &[f32],
+        beta: &[f32],
+        hw: usize,
+        eps: f64,
+        silu: bool,
+    ) {
+        let (mean, r) = mean_rstd(xg, eps);
+        for (j, (oc, xc)) in o.chunks_mut(hw).zip(xg.chunks(hw)).enumerate() {
+            let (a, b) = (gamma[j] * r, beta[j] - gamma[j] * r * mean);
+            if silu {
+                for (ov, &xv) in oc.iter_mut().zip(xc) {
+                    let y = a * xv + b;
+                    *ov = y * sigmoid(y);
+                }
+            } else {
+                for (ov, &xv) in oc.iter_mut().zip(xc) {
+                    *ov = a * xv + b;
+                }
+            }
+        }
+    }
+}
+
+simd_fn! {
+    /// One (item, group) of the backward pass: writes dx into `dxg` and returns the group's channels' dγ and dβ.
+    fn group_backward(
+        dxg: &mut [f32],
+        xg: &[f32],
+        gg: &[f32],
+        gamma: &[f32],
+        beta: &[f32],
+        hw: usize,
+        eps: f64,
+        silu: bool,
+    ) -> (Vec<f32>, Vec<f32>) {
+        let cg = gamma.len();
+        let (mean, r) = mean_rstd(xg, eps);
+        let (mut dgam, mut dbet) = (vec![0f32; cg], vec![0f32; cg]);
+        // dx̂ = γ·dy, so Σ dx̂ = Σ_c γ_c·dβ_c and Σ dx̂·x̂ = Σ_c γ_c·dγ_c: two sums per channel suffice.
+        let (mut s1, mut s2) = (0f64, 0f64);
+        for j in 0..cg {
+            let (ga, be) = (gamma[j], beta[j]);
+            let (xc, gc) = (&xg[j * hw..][..hw], &gg[j * hw..][..hw]);
+            let dc = &mut dxg[j * hw..][..hw];
+            // dc ← dy (the SiLU's derivative applied when fused).
+            if silu {
+                for ((d, &xv), &gv) in dc.iter_mut().zip(xc).zip(gc) {
+                    let y = ga * ((xv - mean) * r) + be;
+                    let s = sigmoid(y);
+                    *d = gv * s * (1.0 + y * (1.0 - s));
+                }
+            } else {
+                dc.copy_from_slice(gc);
+            }
+            let db = sum_f64(dc);
+            let dg = sum_zip_f64(dc, xc, |dy, xv| dy * ((xv - mean) * r));
+            s1 += f64::from(ga) * db;
+            s2 += f64::from(ga) * dg;
+            dgam[j] = dg as f32;
+            dbet[j] = db as f32;
+        }
+        let m = (cg * hw) as f64;
+        let (m1, m2) = ((s1 / m) as f32, (s2 / m) as f32);
+        for j in 0..cg {
+            let ga = gamma[j];
+            let xc = &xg[j * hw..][..hw];
+            for (d, &xv) in dxg[j * hw..][..hw].iter_mut().zip(xc) {
+                let xh = (xv - mean) * r;
+                *d = r * (ga * *d - m1 - xh * m2);
+            }
+        }
+        (dgam, dbet)
+    }
+}
+
+simd_fn! {
+    /// o ← x·s(x).
+    fn silu_chunk(o: &mut [f32], xs: &[f32]) {
+        for (o, &v) in o.iter_mut().zip(xs) {
+            *o = v * sigmoid(v);
+        }
+    }
+}
+
+simd_fn! {
+    /// o ← g·s(x)·(1 + x·(1 − s(x))), the SiLU's backward.
+    fn silu_grad_chunk(o: &mut [f32], xs: &[f32], gs: &[f32]) {
+        for ((o, &v), &gv) in o.iter_mut().zip(xs).zip(gs) {
+            let s = sigmoid(v);
+            *o = gv * s * (1.0 + v * (1.0 - s));
+        }
     }
 }
 
@@ -216,11 +293,7 @@ impl CustomOp1 for Silu {
         let mut out = vec![0f32; x.len()];
         out.par_chunks_mut(1 << 14)
             .zip(x.par_chunks(1 << 14))
-            .for_each(|(o, xs)| {
-                for (o, &v) in o.iter_mut().zip(xs) {
-                    *o = v * sigmoid(v);
-                }
-            });
+            .for_each(|(o, xs)| silu_chunk(o, xs));
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 
@@ -250,12 +323,7 @@ impl candle_core::CustomOp2 for SiluGrad {
         let mut out = vec![0f32; x.len()];
         out.par_chunks_mut(1 << 14)
             .zip(x.par_chunks(1 << 14).zip(g.par_chunks(1 << 14)))
-            .for_each(|(o, (xs, gs))| {
-                for ((o, &v), &gv) in o.iter_mut().zip(xs).zip(gs) {
-                    let s = sigmoid(v);
-                    *o = gv * s * (1.0 + v * (1.0 - s));
-                }
-            });
+            .for_each(|(o, (xs, gs))| silu_grad_chunk(o, xs, gs));
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }

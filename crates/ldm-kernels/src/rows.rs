@@ -11,7 +11,7 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
-use crate::{exp_f32, f32_slice, mean_rstd, sum_f64, unpack_norm_grads};
+use crate::{f32_slice, mean_rstd, softmax_rows_in_place, unpack_norm_grads};
 
 /// Rows per parallel task: enough work per task for rows of any length.
 fn rows_per_task(d: usize) -> usize {
@@ -40,16 +40,8 @@ impl CustomOp1 for Softmax {
         y.par_chunks_mut(chunk)
             .zip(x.par_chunks(chunk))
             .for_each(|(yc, xc)| {
-                for (yr, xr) in yc.chunks_mut(d).zip(xc.chunks(d)) {
-                    let max = xr.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    for (o, &v) in yr.iter_mut().zip(xr) {
-                        *o = exp_f32(v - max);
-                    }
-                    let inv = (1.0 / sum_f64(yr)) as f32;
-                    for o in yr.iter_mut() {
-                        *o *= inv;
-                    }
-                }
+                yc.copy_from_slice(xc);
+                softmax_rows_in_place(yc, d, 1.0);
             });
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
