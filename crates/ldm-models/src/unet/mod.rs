@@ -303,7 +303,15 @@ impl Unet {
         } else {
             t.broadcast_as(b)?.contiguous()?
         };
-        let emb = timestep_embedding(&t, self.config.model_channels, MAX_PERIOD)?; // [B, mc]
+        // Inputs in the weights' dtype (f16/bf16 models take f32 latents and timesteps); the output keeps it.
+        let dtype = self.out_conv.weight().dtype();
+        let x = &x.to_dtype(dtype)?;
+        let context = match context {
+            Some(c) => Some(c.to_dtype(dtype)?),
+            None => None,
+        };
+        let context = context.as_ref();
+        let emb = timestep_embedding(&t, self.config.model_channels, MAX_PERIOD)?.to_dtype(dtype)?; // [B, mc]
         let emb = self.time_embed[0].forward(&emb)?.silu()?;
         let mut emb = self.time_embed[1].forward(&emb)?; // [B, 4·mc]
         match (&self.label_emb, y) {
