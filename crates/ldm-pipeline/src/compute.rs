@@ -101,6 +101,14 @@ impl Compute {
             None if device.is_cuda() => DType::F16,
             None => DType::F32,
         };
+        if dtype == DType::BF16 && device.is_cpu() {
+            // candle 0.11.1's CPU convolution has no bf16 matmul (`unsupported dtype BF16 for op matmul`).
+            return Err(PipelineError::invalid(
+                "dtype",
+                "bf16 is not supported on the CPU (candle 0.11.1 has no bf16 convolution there): \
+                 use f32 or f16 on the CPU, bf16 on CUDA",
+            ));
+        }
         Ok(Compute { device, dtype })
     }
 
@@ -162,6 +170,11 @@ mod tests {
         let c = Compute::resolve(DeviceSpec::Cpu, Some(DType::F16))?;
         assert_eq!(c.dtype, DType::F16);
         assert!(Compute::resolve(DeviceSpec::Cpu, Some(DType::F64)).is_err());
+        let bf16 = Compute::resolve(DeviceSpec::Cpu, Some(DType::BF16))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(bf16.contains("bf16 is not supported on the CPU"), "{bf16}");
         // No GPU in CI: CUDA is refused with a message that says why (built without it, or no device).
         if !CUDA_BUILT || Device::new_cuda(0).is_err() {
             let err = Compute::resolve(DeviceSpec::Cuda(0), None)

@@ -1,9 +1,10 @@
-//! The networks in f16 and bf16 (`SdModels::build_on`, the CLI's `--dtype`) against the same run in f32, on the
-//! tiny SD1 fixture (fixtures/sd1-tiny) and on the CPU, the device CI has. The sampler keeps f32 latents and
-//! draws the same noise, so only the networks' rounding differs.
+//! The networks in f16 (`SdModels::build_on`, the CLI's `--dtype f16`) against the same run in f32, on the tiny
+//! SD1 fixture (fixtures/sd1-tiny) and on the CPU, the device CI has. The sampler keeps f32 latents and draws the
+//! same noise, so only the networks' rounding differs. bf16 cannot run on the CPU (candle 0.11.1 has no bf16
+//! convolution there) and is refused by name.
 //!
 //! Tolerance: images max abs ≤ 4/255 of the f32 run (issue 5's bar for reduced-precision compute). Measured
-//! (candle 0.11.1, x86-64): f16 ≤ 0.6/255 and bf16 ≤ 2.1/255 over these cases; the figures are printed.
+//! (candle 0.11.1, x86-64, 2026-12-08): f16 2.92/255 worst over these cases; the figure is printed.
 use std::path::PathBuf;
 
 use candle_core::{DType, Tensor};
@@ -73,9 +74,10 @@ fn f16_on_the_cpu_stays_within_4_of_255_of_f32() -> R {
 }
 
 #[test]
-fn bf16_on_the_cpu_stays_within_4_of_255_of_f32() -> R {
-    let worst = worst_against_f32(DType::BF16)?;
-    eprintln!("sd1-tiny txt2img, bf16 vs f32 on the CPU: worst image error {worst:.3}/255");
-    assert!(worst <= 4.0, "bf16 image off by {worst}/255 from f32");
-    Ok(())
+fn bf16_on_the_cpu_is_refused_by_name() {
+    let err = Compute::resolve(DeviceSpec::Cpu, Some(DType::BF16))
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(err.contains("bf16") && err.contains("CPU"), "{err}");
 }
