@@ -44,10 +44,10 @@ impl NoisePredictor for UnetPredictor<'_> {
             Some(extra) => Tensor::cat(&[&x_in, &extra.to_dtype(dtype)?], 1)?,
             None => x_in,
         };
-        let out = self
-            .models
-            .unet
-            .forward_with(&x_in, &t, self.context.as_ref(), self.y.as_ref())?;
+        let out =
+            self.models
+                .unet
+                .forward_with(&x_in, &t, self.context.as_ref(), self.y.as_ref())?;
         Ok(out.to_dtype(state_dtype)?)
     }
 }

@@ -14,7 +14,8 @@ use ldm_pipeline::{open, Compute, DeviceSpec, SdModels, ValidRequest};
 type R<T = ()> = Result<T, Box<dyn std::error::Error>>;
 
 fn model(dtype: DType) -> R<SdModels> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/sd1-tiny/model.safetensors");
+    let path =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/sd1-tiny/model.safetensors");
     let compute = Compute::resolve(DeviceSpec::Cpu, Some(dtype))?;
     Ok(SdModels::build_on(open(&path, None)?, &compute)?)
 }
@@ -59,7 +60,11 @@ fn worst_against_f32(dtype: DType) -> R<f32> {
         assert_eq!(got.latents.dtype(), DType::F32);
         assert!(got.images.device().is_cpu());
         let err = max_abs(&got.images, &want.images)? * 255.0;
-        assert!(err.is_finite(), "{dtype:?} {}: non-finite image", req.sampler);
+        assert!(
+            err.is_finite(),
+            "{dtype:?} {}: non-finite image",
+            req.sampler
+        );
         worst = worst.max(err);
     }
     Ok(worst)

@@ -311,7 +311,8 @@ impl Unet {
             None => None,
         };
         let context = context.as_ref();
-        let emb = timestep_embedding(&t, self.config.model_channels, MAX_PERIOD)?.to_dtype(dtype)?; // [B, mc]
+        let emb =
+            timestep_embedding(&t, self.config.model_channels, MAX_PERIOD)?.to_dtype(dtype)?; // [B, mc]
         let emb = self.time_embed[0].forward(&emb)?.silu()?;
         let mut emb = self.time_embed[1].forward(&emb)?; // [B, 4·mc]
         match (&self.label_emb, y) {
