@@ -3,7 +3,7 @@
 # and a whole 512² txt2img (20 DDIM steps, guidance 7.5), side by side with ratios. ONE run, ~4-6 minutes.
 #
 # On the GPU machine (it has python3 with torch and the CUDA libraries, but no Rust and no diffusers):
-#   1. here:  tools/bench/gpu-prepare.sh          # .gpu/ldm (CUDA build), .gpu/sd15 (UNet bench), .gpu/whl
+#   1. here:  tools/bench/gpu-prepare.sh          # .gpu/ldm.xz (CUDA build), .gpu/sd15.xz (UNet bench), .gpu/whl
 #   2. there: run(command="bash tools/bench/gpu.sh", carry=[".gpu"], timeout_s=600)
 #   The last lines printed are the table; everything is also under $OUT (logs, results.txt).
 # Dry run of the same script on the CPU here (tiny fixture model, 32², f32, the default cargo build):
@@ -13,7 +13,7 @@
 # (2) diffusers: load, UNet CFG step (direct call, median of 20), one pipeline step, whole txt2img (median of 3
 # after a warm-up); (3) ours: `ldm txt2img --device cuda --dtype f16 --timings` on the same folder, one warm-up
 # run then 3 (each a fresh process: load, prompt, 20 steps, decode), and the UNet CFG step of
-# `benches/sd15.rs` (LDM_BENCH_DEVICE=cuda, LDM_BENCH_DTYPE=f16) when .gpu/sd15 exists.
+# `benches/sd15.rs` (LDM_BENCH_DEVICE=cuda, LDM_BENCH_DTYPE=f16) when .gpu/sd15.xz exists.
 # Every step has its own time limit, so a failure still leaves the table of what ran.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -25,8 +25,12 @@ RES="$OUT/results.txt"
 : >"$RES"
 
 if [ "$MODE" = gpu ]; then
-    BIN="${LDM_BIN:-.gpu/ldm}"
-    UNET_BIN="${LDM_UNET_BIN:-.gpu/sd15}"
+    # The binaries travel xz-compressed (gpu-prepare.sh): the raw CUDA build is over the 64 MiB carry limit.
+    for b in ldm sd15; do
+        [ -f ".gpu/$b.xz" ] && { xz -dc ".gpu/$b.xz" >"/tmp/$b" && chmod +x "/tmp/$b"; }
+    done
+    BIN="${LDM_BIN:-/tmp/ldm}"
+    UNET_BIN="${LDM_UNET_BIN:-/tmp/sd15}"
     PY=python3
     MODEL=/tmp/sd15-random
     SIZE=512 STEPS=20 RUNS=3 UNET_RUNS=20 DEVICE=cuda OURS_DTYPE=f16 THEIRS_DTYPE=fp16

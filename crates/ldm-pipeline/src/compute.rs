@@ -132,8 +132,11 @@ fn open_cuda(n: usize) -> Result<Device> {
         ));
     }
     Device::new_cuda(n).map_err(|e| {
+        // candle appends a backtrace after the first line; the first line names the driver's error.
+        let e = e.to_string();
+        let first = e.lines().next().unwrap_or_default();
         PipelineError::Device(format!(
-            "CUDA device {n} cannot be opened (no NVIDIA driver or GPU here, or no device {n}): {e}"
+            "CUDA device {n} cannot be opened (no NVIDIA driver or GPU here, or no device {n}): {first}"
         ))
     })
 }
