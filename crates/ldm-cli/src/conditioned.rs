@@ -53,6 +53,8 @@ pub struct SampleArgs {
     tile_vae: Option<usize>,
     #[arg(long, short, default_value = "ldm-output.png")]
     output: PathBuf,
+    #[command(flatten)]
+    compute: crate::compute::ComputeArgs,
 }
 
 /// `ldm sample`.
@@ -139,12 +141,13 @@ fn run_task(
     extra_fields: Vec<(&'static str, String)>,
     cond: impl FnOnce(&ValidRequest, &ldm_pipeline::spec::ModelSpec) -> ldm_pipeline::Result<Condition>,
 ) -> anyhow::Result<()> {
+    let compute = common.compute.resolve()?;
     let model = common.model()?;
     let opened = ldm_pipeline::open(&model, common.config().as_ref())?;
     let valid = req.validate(&opened.spec, random_seed())?;
     let cond = cond(&valid, &opened.spec)?;
     check_output(&common.output)?;
-    let out = run_with_progress(opened, |models, progress| {
+    let out = run_with_progress(opened, &compute, |models, progress| {
         sample(models, &valid, &cond, progress)
     })?;
     save(
@@ -209,6 +212,7 @@ pub fn run_semantic(a: Semantic2imgCmd) -> anyhow::Result<()> {
 }
 
 pub fn run_upscale(a: UpscaleCmd) -> anyhow::Result<()> {
+    let compute = a.common.compute.resolve()?;
     let img = load_image(&a.image, "image")?;
     let model = a.common.model()?;
     let opened = ldm_pipeline::open(&model, a.common.config().as_ref())
@@ -232,7 +236,7 @@ pub fn run_upscale(a: UpscaleCmd) -> anyhow::Result<()> {
     let image = image_to_tensor(&img, &candle_core::Device::Cpu)?;
     let cond = Condition::LowRes { image, noise_level };
     check_output(&a.common.output)?;
-    let out = run_with_progress(opened, |models, progress| {
+    let out = run_with_progress(opened, &compute, |models, progress| {
         sample(models, &valid, &cond, progress)
     })?;
     let mut extra = vec![("Upscale input", a.image.display().to_string())];

@@ -3,14 +3,14 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use candle_core::Device;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use ldm_pipeline::infotext::py_float;
 use ldm_pipeline::init_image::{image_to_tensor, load_image};
 use ldm_pipeline::txt2img::Generated;
 use ldm_pipeline::{
-    ConfigOverride, GenerateRequest, ImageRequest, ImageTask, Opened, SdModels, ValidImageRequest,
+    Compute, ConfigOverride, GenerateRequest, ImageRequest, ImageTask, Opened, SdModels,
+    ValidImageRequest,
 };
 
 /// The txt2img flags that apply to img2img and inpainting (the size is the input image's).
@@ -62,6 +62,8 @@ pub struct ImageGenArgs {
     pub lora: Vec<String>,
     #[arg(long, short, default_value = "ldm-output.png")]
     output: PathBuf,
+    #[command(flatten)]
+    pub compute: crate::compute::ComputeArgs,
 }
 
 impl ImageGenArgs {
@@ -159,12 +161,13 @@ pub fn model_name(model: &Path) -> String {
         .unwrap_or_default()
 }
 
-/// Builds the networks and runs `task` with a progress bar.
+/// Builds the networks on `compute`'s device and dtype and runs `task` with a progress bar.
 pub fn run_with_progress(
     opened: Opened,
+    compute: &Compute,
     task: impl FnOnce(&SdModels, &mut dyn FnMut(usize, usize)) -> ldm_pipeline::Result<Generated>,
 ) -> anyhow::Result<Generated> {
-    let models = SdModels::build(opened, &Device::Cpu)?;
+    let models = SdModels::build_on(opened, compute)?;
     let bar = ProgressBar::new(0).with_style(
         ProgressStyle::with_template(
             "{bar:40} {pos}/{len} steps [{elapsed_precise}<{eta_precise}]",
@@ -193,6 +196,7 @@ pub fn save(
 
 pub fn run(args: Img2imgArgs) -> anyhow::Result<()> {
     let loras = args.gen.lora.clone();
+    let compute = args.gen.compute.resolve()?;
     let (model, config, req, output) = args.gen.request(0.75)?;
     let mut opened = ldm_pipeline::open(&model, config.as_ref())?;
     crate::lora::apply(&mut opened, &loras)?;
@@ -205,7 +209,7 @@ pub fn run(args: Img2imgArgs) -> anyhow::Result<()> {
         random_seed(),
     )?;
     check_output(&output)?;
-    let out = run_with_progress(opened, |models, progress| {
+    let out = run_with_progress(opened, &compute, |models, progress| {
         let init = image_to_tensor(&img, &models.device)?;
         ldm_pipeline::img2img::img2img(models, &valid, &init, progress)
     })?;

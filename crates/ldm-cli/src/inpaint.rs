@@ -33,6 +33,7 @@ pub struct InpaintArgs {
 /// Models without text (the paper's `__is_first_stage__` inpainting model) need no prompt, and their guidance
 /// scale defaults to 1.
 pub fn run(args: InpaintArgs) -> anyhow::Result<()> {
+    let compute = args.gen.compute.resolve()?;
     let (model, config) = args.gen.model_and_config()?;
     let pad = match &args.pad {
         Some(p) => Pad::parse(p)?,
@@ -54,7 +55,7 @@ pub fn run(args: InpaintArgs) -> anyhow::Result<()> {
         random_seed(),
     )?;
     check_output(&output)?;
-    let out = run_with_progress(opened, |models, progress| {
+    let out = run_with_progress(opened, &compute, |models, progress| {
         ldm_pipeline::inpaint::inpaint(models, &valid, &input, progress)
     })?;
     save(&out, &valid, &model_name(&model), &output)

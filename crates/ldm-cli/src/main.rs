@@ -7,6 +7,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use ldm_pipeline::{ConfigOverride, GenerateRequest, PipelineError};
 
+mod compute;
 mod conditioned;
 mod img2img;
 mod info;
@@ -108,6 +109,12 @@ struct Txt2imgArgs {
     lora: Vec<String>,
     #[arg(long, short, default_value = "ldm-output.png")]
     output: PathBuf,
+    #[command(flatten)]
+    compute: compute::ComputeArgs,
+    /// Print a `TIMINGS` line on stderr: load, per-evaluation median (the device synchronised after each),
+    /// decode and whole-generation seconds.
+    #[arg(long)]
+    timings: bool,
 }
 
 /// The model used when `--model` is not given: `$LDM_MODEL`, else an error saying how to choose one.
@@ -159,12 +166,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 noise: a.noise,
                 tile_vae: a.tile_vae,
             };
+            let compute = a.compute.resolve()?;
             txt2img::run(
                 &model,
+                &compute,
                 config_override(&a.config).as_ref(),
                 &a.lora,
                 &req,
                 &a.output,
+                a.timings,
             )
         }
     }

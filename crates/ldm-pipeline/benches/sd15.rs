@@ -11,7 +11,9 @@
 //!
 //! Usage: `cargo bench -p ldm-pipeline --bench sd15 [-- unet|vae]` (both when no name is given).
 //! Environment: `LDM_BENCH_RUNS` (timed runs after one warm-up, default 3), `LDM_BENCH_THREADS` (default 2;
-//! sets `RAYON_NUM_THREADS` and `CANDLE_NUM_THREADS` unless those are already set).
+//! sets `RAYON_NUM_THREADS` and `CANDLE_NUM_THREADS` unless those are already set), `LDM_BENCH_DEVICE`
+//! (`cpu`, default, or `cuda[:N]` in a build with `--features cuda`) and `LDM_BENCH_DTYPE` (`f32`, `f16`, `bf16`;
+//! default f32 on the CPU, f16 on CUDA). On CUDA each timed call ends with a device synchronisation.
 //! Output: a table, and one `RESULT` line per workload for `tools/bench/run.sh`. Peak RSS is the process's
 //! `VmHWM`, so it is cumulative when both workloads run in one process; run.sh runs them separately.
 //! The PyTorch counterpart is `tools/bench/torch_sd15.py`.
@@ -20,6 +22,7 @@ use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 use ldm_models::autoencoder::{AutoencoderKl, AutoencoderKlConfig};
 use ldm_models::unet::{Unet, UnetConfig};
+use ldm_pipeline::compute::{parse_dtype, Compute, DeviceSpec};
 use std::time::Instant;
 
 /// Weight standard deviation of the random init.
@@ -53,8 +56,8 @@ impl SimpleBackend for RandomWeights {
     }
 }
 
-fn random_vb() -> VarBuilder<'static> {
-    VarBuilder::from_backend(Box::new(RandomWeights), DType::F32, Device::Cpu)
+fn random_vb(c: &Compute) -> VarBuilder<'static> {
+    VarBuilder::from_backend(Box::new(RandomWeights), c.dtype, c.device.clone())
 }
 
 /// Peak resident set size of this process in MiB (`VmHWM` of /proc/self/status), if readable.
@@ -77,12 +80,18 @@ struct Measurement {
 }
 
 /// One warm-up call, then `runs` timed calls; returns (median, min) seconds and the last output.
-fn time_it(runs: usize, mut f: impl FnMut() -> Result<Tensor>) -> Result<(f64, f64, Tensor)> {
+fn time_it(
+    runs: usize,
+    dev: &Device,
+    mut f: impl FnMut() -> Result<Tensor>,
+) -> Result<(f64, f64, Tensor)> {
     let mut out = f()?; // warm-up
+    dev.synchronize()?;
     let mut times = Vec::with_capacity(runs);
     for i in 0..runs {
         let start = Instant::now();
         out = f()?;
+        dev.synchronize()?;
         let dt = start.elapsed().as_secs_f64();
         eprintln!("  run {}/{runs}: {dt:.2} s", i + 1);
         times.push(dt);
@@ -98,24 +107,28 @@ fn time_it(runs: usize, mut f: impl FnMut() -> Result<Tensor>) -> Result<(f64, f
 }
 
 fn mean_abs(t: &Tensor) -> Result<f64> {
-    let m = t.abs()?.mean_all()?.to_scalar::<f32>()? as f64;
+    let m = t
+        .to_dtype(DType::F32)?
+        .abs()?
+        .mean_all()?
+        .to_scalar::<f32>()? as f64;
     if !m.is_finite() {
         candle_core::bail!("output is not finite (mean |y| = {m})");
     }
     Ok(m)
 }
 
-fn bench_unet(runs: usize) -> Result<Measurement> {
+fn bench_unet(runs: usize, c: &Compute) -> Result<Measurement> {
     eprintln!("unet: building SD1.5 UNet with random weights");
     let start = Instant::now();
-    let unet = Unet::new(random_vb(), &UnetConfig::sd_v1())?;
+    let unet = Unet::new(random_vb(c), &UnetConfig::sd_v1())?;
     let build_s = start.elapsed().as_secs_f64();
-    let dev = Device::Cpu;
-    let x = Tensor::randn(0f32, 1.0, (2, 4, 64, 64), &dev)?; // [2, 4, 64, 64]: uncond ‖ cond
+    let dev = c.device.clone();
+    let x = Tensor::randn(0f32, 1.0, (2, 4, 64, 64), &dev)?.to_dtype(c.dtype)?; // [2, 4, 64, 64]: uncond ‖ cond
     let t = Tensor::new(&[999f32, 999.], &dev)?; // [2]
-    let context = Tensor::randn(0f32, 1.0, (2, 77, 768), &dev)?; // [2, 77, 768]
+    let context = Tensor::randn(0f32, 1.0, (2, 77, 768), &dev)?.to_dtype(c.dtype)?; // [2, 77, 768]
     eprintln!("unet: built in {build_s:.1} s; 1 warm-up + {runs} timed CFG steps");
-    let (median_s, min_s, out) = time_it(runs, || unet.forward(&x, &t, &context))?;
+    let (median_s, min_s, out) = time_it(runs, &dev, || unet.forward(&x, &t, &context))?;
     Ok(Measurement {
         name: "unet_cfg_step",
         shape: "x[2,4,64,64] ctx[2,77,768]",
@@ -128,14 +141,14 @@ fn bench_unet(runs: usize) -> Result<Measurement> {
     })
 }
 
-fn bench_vae(runs: usize) -> Result<Measurement> {
+fn bench_vae(runs: usize, c: &Compute) -> Result<Measurement> {
     eprintln!("vae: building SD AutoencoderKL with random weights");
     let start = Instant::now();
-    let vae = AutoencoderKl::new(&AutoencoderKlConfig::sd(), random_vb())?;
+    let vae = AutoencoderKl::new(&AutoencoderKlConfig::sd(), random_vb(c))?;
     let build_s = start.elapsed().as_secs_f64();
-    let z = Tensor::randn(0f32, 1.0, (1, 4, 64, 64), &Device::Cpu)?; // [1, 4, 64, 64]
+    let z = Tensor::randn(0f32, 1.0, (1, 4, 64, 64), &c.device)?.to_dtype(c.dtype)?; // [1, 4, 64, 64]
     eprintln!("vae: built in {build_s:.1} s; 1 warm-up + {runs} timed decodes");
-    let (median_s, min_s, out) = time_it(runs, || vae.decode(&z))?;
+    let (median_s, min_s, out) = time_it(runs, &c.device, || vae.decode(&z))?;
     if out.dims() != [1, 3, 512, 512] {
         candle_core::bail!(
             "VAE decode gave {:?}, expected [1, 3, 512, 512]",
@@ -187,17 +200,26 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
             return Err(format!("unknown workload `{a}` (expected `unet` or `vae`)").into());
         }
     }
+    let device: DeviceSpec = std::env::var("LDM_BENCH_DEVICE")
+        .unwrap_or_else(|_| "cpu".into())
+        .parse()?;
+    let dtype = match std::env::var("LDM_BENCH_DTYPE") {
+        Ok(d) => Some(parse_dtype(&d)?),
+        Err(_) => None,
+    };
+    let compute = Compute::resolve(device, dtype)?;
     println!(
-        "ldm-rs (candle 0.11.1) CPU f32, threads = {}, avx = {}, runs = {runs} (+1 warm-up)",
+        "ldm-rs (candle 0.11.1) {}, threads = {}, avx = {}, runs = {runs} (+1 warm-up)",
+        compute.describe(),
         candle_core::utils::get_num_threads(),
         candle_core::utils::with_avx(),
     );
     let mut results = Vec::new();
     if want("unet") {
-        results.push(bench_unet(runs)?);
+        results.push(bench_unet(runs, &compute)?);
     }
     if want("vae") {
-        results.push(bench_vae(runs)?);
+        results.push(bench_vae(runs, &compute)?);
     }
     println!(
         "{:<14} {:<30} {:>4} {:>10} {:>10} {:>8} {:>12} {:>10}",

@@ -309,5 +309,5 @@ pub fn sample_with_rng(
     };
     let latents = sampler.run(latents, rng, None, progress)?;
     let images = decode_with(models, &latents, req.decode)?;
-    Ok(Generated { latents, images })
+    Generated::on_cpu(latents, images)
 }

@@ -28,6 +28,9 @@ pub enum PipelineError {
     Config(Box<ldm_models::original_config::ConfigError>),
     #[error("{0}")]
     Model(String),
+    /// The compute device cannot be used (no CUDA device or driver, …).
+    #[error("device: {0}")]
+    Device(String),
     /// A LoRA file that cannot be applied (boxed: large and rare).
     #[error(transparent)]
     Lora(Box<ldm_models::lora::LoraError>),

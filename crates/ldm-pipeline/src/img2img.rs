@@ -122,5 +122,5 @@ pub fn img2img(
     };
     let latents = sampler.run(latents, &mut rng, None, progress)?;
     let images = decode_with(models, &latents, req.base.decode)?;
-    Ok(Generated { latents, images })
+    Generated::on_cpu(latents, images)
 }

@@ -96,10 +96,7 @@ pub fn inpaint(
 ) -> Result<Generated> {
     if models.spec.inpaint_concat() == Some(InpaintConcat::Ldm) {
         let out = ldm_inpaint(models, req, input, progress)?;
-        return Ok(Generated {
-            latents: out.latents,
-            images: out.images,
-        });
+        return Generated::on_cpu(out.latents, out.images);
     }
     let dev = &models.device;
     let image = image_to_tensor(&input.image, dev)?; // [1, 3, H, W] in [−1, 1]
@@ -171,7 +168,7 @@ pub fn inpaint(
         sampler(None).run(latents, &mut rng, Some(&known), progress)?
     };
     let images = decode_with(models, &latents, req.base.decode)?;
-    Ok(Generated { latents, images })
+    Generated::on_cpu(latents, images)
 }
 
 /// What [`ldm_inpaint`] returns.

@@ -1,5 +1,6 @@
 //! ldm-pipeline: the only crate that joins models and samplers — opening checkpoints in their three forms,
 //! building the networks strictly, and the generation tasks.
+pub mod compute;
 pub mod conditioned;
 pub mod error;
 pub mod img2img;
@@ -16,6 +17,7 @@ pub mod source;
 pub mod spec;
 pub mod txt2img;
 
+pub use compute::{Compute, DeviceSpec};
 pub use conditioned::{sample, sample_with_rng, Condition};
 pub use error::{PipelineError, Result};
 pub use load::{open, ConfigOverride, Opened};

@@ -9,6 +9,7 @@ use ldm_models::text::{TextTransformer, XTransformer};
 use ldm_models::tokenizer::{BertTokenizer, ClipTokenizer};
 use ldm_models::unet::Unet;
 
+use crate::compute::Compute;
 use crate::error::{PipelineError, Result};
 use crate::load::Opened;
 use crate::source::CheckpointForm;
@@ -63,13 +64,28 @@ pub struct SdModels {
 pub type Models = SdModels;
 
 impl SdModels {
-    /// Builds every component from `opened`, then fails with every missing, mis-shaped and unexpected tensor
-    /// of all components at once.
+    /// Builds every component from `opened` in f32 on `device`, then fails with every missing, mis-shaped and
+    /// unexpected tensor of all components at once.
     pub fn build(opened: Opened, device: &Device) -> Result<Self> {
-        // An fp16/bf16 checkpoint's matrices and kernels stay in their stored dtype on the CPU (half the memory of
-        // widening them at load); Linear and Conv2d widen them per pass, with identical results.
-        let loader = StrictLoader::new(opened.store.clone()).keep_stored_dtype(device.is_cpu());
-        let vb = loader.var_builder(DType::F32, device);
+        Self::build_on(
+            opened,
+            &Compute {
+                device: device.clone(),
+                dtype: DType::F32,
+            },
+        )
+    }
+
+    /// [`SdModels::build`] with every weight converted to `compute.dtype` (as it is read) on
+    /// `compute.device`. The pipelines keep their sampler state in f32 and cast at the networks' inputs and
+    /// outputs ([`crate::compute`]). In f32 on the CPU, an fp16/bf16 checkpoint's matrices and kernels stay in
+    /// their stored dtype (half the memory of widening them at load); Linear and Conv2d widen them per pass, with
+    /// identical results.
+    pub fn build_on(opened: Opened, compute: &Compute) -> Result<Self> {
+        let device = &compute.device;
+        let keep = device.is_cpu() && compute.dtype == DType::F32;
+        let loader = StrictLoader::new(opened.store.clone()).keep_stored_dtype(keep);
+        let vb = loader.var_builder(compute.dtype, device);
         let single_file = !matches!(opened.form, CheckpointForm::Diffusers(_));
         let models = Self::build_with(opened.spec, opened.tokenizer, vb, device)?;
         loader.finish(&|k| single_file && ignorable_single_file_key(&models.spec, k))?;

@@ -37,14 +37,18 @@ impl NoisePredictor for UnetPredictor<'_> {
     fn predict(&self, x_in: &Tensor, t: f64) -> ldm_sampling::Result<Tensor> {
         let b = x_in.dim(0)?;
         let t = Tensor::full(t as f32, b, x_in.device())?;
+        // The sampler's state is f32; the UNet runs in the models' dtype (f16 on CUDA, say).
+        let (dtype, state_dtype) = (self.models.dtype, x_in.dtype());
+        let x_in = x_in.to_dtype(dtype)?;
         let x_in = match &self.extra {
-            Some(extra) => Tensor::cat(&[x_in, &extra.to_dtype(x_in.dtype())?], 1)?,
-            None => x_in.clone(),
+            Some(extra) => Tensor::cat(&[&x_in, &extra.to_dtype(dtype)?], 1)?,
+            None => x_in,
         };
-        Ok(self
-            .models
-            .unet
-            .forward_with(&x_in, &t, self.context.as_ref(), self.y.as_ref())?)
+        let out =
+            self.models
+                .unet
+                .forward_with(&x_in, &t, self.context.as_ref(), self.y.as_ref())?;
+        Ok(out.to_dtype(state_dtype)?)
     }
 }
 
@@ -54,6 +58,18 @@ pub struct Generated {
     pub latents: Tensor,
     /// Decoded images in [0, 1], [B, 3, H, W].
     pub images: Tensor,
+}
+
+impl Generated {
+    /// The result as every pipeline returns it: both tensors moved to the CPU (a no-op there), whatever device
+    /// the networks ran on. The images are already f32 ([`decode_with`]); the latents are the sampler's f32.
+    pub fn on_cpu(latents: Tensor, images: Tensor) -> Result<Self> {
+        let cpu = candle_core::Device::Cpu;
+        Ok(Generated {
+            latents: latents.to_device(&cpu)?,
+            images: images.to_device(&cpu)?,
+        })
+    }
 }
 
 /// Progress of a run: (model evaluations done, total).
@@ -145,7 +161,7 @@ pub fn txt2img_with_rng(
     };
     let latents = sampler.run(latents, rng, None, progress)?;
     let images = decode_with(models, &latents, req.decode)?;
-    Ok(Generated { latents, images })
+    Generated::on_cpu(latents, images)
 }
 
 /// The UNet's text context for `req`: the prompt's × B, preceded by the negative prompt's × B when guidance

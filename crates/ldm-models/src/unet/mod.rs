@@ -88,6 +88,9 @@ pub struct Unet {
     output_blocks: Vec<Block>,    // output_blocks.N
     out_norm: GroupNorm,          // out.0
     out_conv: Conv2d,             // out.2
+    /// The compute dtype (the builder's). Matrices and kernels may be held narrower (weights kept in a
+    /// checkpoint's stored dtype), so it is not read off a weight.
+    dtype: DType,
 }
 
 /// Builds the UNet from `vb` positioned at `model.diffusion_model`.
@@ -265,6 +268,7 @@ impl Unet {
                 vb.pp("out").pp("0"),
             )?,
             out_conv: conv3x3(ch, cfg.out_channels, vb.pp("out").pp("2"))?,
+            dtype: vb.dtype(),
         })
     }
 
@@ -310,7 +314,16 @@ impl Unet {
         } else {
             t.broadcast_as(b)?.contiguous()?
         };
-        let emb = timestep_embedding(&t, self.config.model_channels, MAX_PERIOD)?; // [B, mc]
+        // Inputs in the compute dtype (f16/bf16 models take f32 latents and timesteps); the output keeps it.
+        let dtype = self.dtype;
+        let x = &x.to_dtype(dtype)?;
+        let context = match context {
+            Some(c) => Some(c.to_dtype(dtype)?),
+            None => None,
+        };
+        let context = context.as_ref();
+        let emb =
+            timestep_embedding(&t, self.config.model_channels, MAX_PERIOD)?.to_dtype(dtype)?; // [B, mc]
         let emb = self.time_embed[0].forward(&emb)?.silu()?;
         let mut emb = self.time_embed[1].forward(&emb)?; // [B, 4·mc]
         match (&self.label_emb, y) {
