@@ -32,40 +32,10 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FIXTURE = os.path.join(REPO, "fixtures", "sd1-tiny", "diffusers")
-STD = 0.02
 
-SD15_UNET = dict(
-    sample_size=64,
-    in_channels=4,
-    out_channels=4,
-    center_input_sample=False,
-    flip_sin_to_cos=True,
-    freq_shift=0,
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    block_out_channels=(320, 640, 1280, 1280),
-    layers_per_block=2,
-    downsample_padding=1,
-    mid_block_scale_factor=1,
-    act_fn="silu",
-    norm_num_groups=32,
-    norm_eps=1e-5,
-    cross_attention_dim=768,
-    attention_head_dim=8,
-)
-
-SD_VAE = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(128, 256, 512, 512),
-    layers_per_block=2,
-    act_fn="silu",
-    latent_channels=4,
-    norm_num_groups=32,
-    sample_size=512,
-)
+# The SD1.5 UNet and VAE configs and the weight rule are the CPU benchmark's (same directory).
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from torch_sd15 import SD15_UNET, SD_VAE, randomize  # noqa: E402
 
 CLIP_L = dict(
     vocab_size=49408,
@@ -85,16 +55,6 @@ CLIP_L = dict(
 
 def log(msg):
     print(msg, file=sys.stderr, flush=True)
-
-
-def randomize(model):
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1 and name.endswith("weight"):
-                p.fill_(1.0)  # norm gains
-            else:
-                p.normal_(0.0, STD)
-    return model.eval()
 
 
 def make(out_dir, device):
