@@ -8,7 +8,7 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use crate::{exp_f32, f32_slice, simd_fn};
+use crate::{exp_f32, f32_slice, rows_per_task, simd_fn};
 
 /// erf(x) in f32 without a libm call: x·P(x²)/Q(x²) on |x| ≤ 3.92 (beyond, erf rounds to ±1 in f32), a rational
 /// approximation fitted for ldm-rs by reweighted least squares in f64 (tools/fixtures/erf_fit.py). Relative
@@ -64,11 +64,6 @@ fn pdf(g: f32) -> f32 {
     INV_SQRT_2PI * exp_f32(-0.5 * g * g)
 }
 
-/// Rows of length 2·inner per parallel task (about 64 Ki values).
-fn rows_per_task(width: usize) -> usize {
-    (1 << 16) / width.max(1) + 1
-}
-
 fn inner_of(l: &Layout) -> Result<usize> {
     match l.dims().last() {
         Some(&w) if w > 0 && w % 2 == 0 => Ok(w / 2),
@@ -90,7 +85,7 @@ impl CustomOp1 for Geglu {
         let inner = inner_of(l)?;
         let h = f32_slice(s, l, "geglu", "input")?;
         let mut y = vec![0f32; h.len() / 2];
-        let rows = rows_per_task(2 * inner);
+        let rows = rows_per_task(2 * inner, 1 << 16);
         y.par_chunks_mut(rows * inner)
             .zip(h.par_chunks(rows * 2 * inner))
             .for_each(|(yc, hc)| geglu_rows(yc, hc, inner));
@@ -130,7 +125,7 @@ impl CustomOp2 for GegluGrad {
             candle_core::bail!("geglu backward: inconsistent sizes");
         }
         let mut dh = vec![0f32; h.len()];
-        let rows = rows_per_task(2 * inner);
+        let rows = rows_per_task(2 * inner, 1 << 16);
         dh.par_chunks_mut(rows * 2 * inner)
             .zip(
                 h.par_chunks(rows * 2 * inner)

@@ -70,6 +70,11 @@ simd_fn! {
     }
 }
 
+/// Rows of `width` values per parallel task, for about `values` values per task (at least one row).
+pub(crate) fn rows_per_task(width: usize, values: usize) -> usize {
+    (values / width.max(1)).max(1)
+}
+
 /// The contiguous f32 values of a CPU storage; `what` names the operand in the error.
 pub(crate) fn f32_slice<'a>(
     s: &'a CpuStorage,
@@ -114,7 +119,9 @@ pub(crate) fn sigmoid(x: f32) -> f32 {
 }
 
 /// Σ x in f32 lanes of 8 (vectorisable), blocks of 4096 added in f64: accurate to ~1e-7 relative on the sizes of
-/// a norm group, where a plain f32 running sum drifts.
+/// a norm group, where a plain f32 running sum drifts. Always inlined, so the AVX2 variants of `simd_fn!`
+/// bodies vectorise it too.
+#[inline(always)]
 pub(crate) fn sum_f64(x: &[f32]) -> f64 {
     sum_map_f64(x, |v| v)
 }
@@ -162,7 +169,8 @@ pub(crate) fn sum_zip_f64(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> 
 }
 
 /// Mean and 1/√(var + ε) (biased variance, two passes) of a group or row: the statistics of GroupNorm and
-/// LayerNorm.
+/// LayerNorm. Always inlined, as [`sum_f64`].
+#[inline(always)]
 pub(crate) fn mean_rstd(x: &[f32], eps: f64) -> (f32, f32) {
     let m = x.len() as f64;
     let mean = sum_f64(x) / m;

@@ -11,12 +11,10 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
-use crate::{f32_slice, mean_rstd, softmax_rows_in_place, unpack_norm_grads};
+use crate::{f32_slice, mean_rstd, rows_per_task, softmax_rows_in_place, unpack_norm_grads};
 
-/// Rows per parallel task: enough work per task for rows of any length.
-fn rows_per_task(d: usize) -> usize {
-    (4096 / d.max(1)).max(1)
-}
+/// Values per parallel task (whole rows, at least one): enough work per task for rows of any length.
+const ROW_TASK_VALUES: usize = 4096;
 
 fn last_dim(l: &Layout) -> Result<usize> {
     match l.dims().last() {
@@ -36,7 +34,7 @@ impl CustomOp1 for Softmax {
         let d = last_dim(l)?;
         let x = f32_slice(s, l, "softmax", "input")?;
         let mut y = vec![0f32; x.len()];
-        let chunk = rows_per_task(d) * d;
+        let chunk = rows_per_task(d, ROW_TASK_VALUES) * d;
         y.par_chunks_mut(chunk)
             .zip(x.par_chunks(chunk))
             .for_each(|(yc, xc)| {
@@ -75,7 +73,7 @@ impl CustomOp2 for SoftmaxGrad {
             f32_slice(s2, l2, "softmax", "gradient")?,
         );
         let mut dx = vec![0f32; y.len()];
-        let chunk = rows_per_task(d) * d;
+        let chunk = rows_per_task(d, ROW_TASK_VALUES) * d;
         dx.par_chunks_mut(chunk)
             .zip(y.par_chunks(chunk).zip(g.par_chunks(chunk)))
             .for_each(|(dc, (yc, gc))| {
@@ -125,7 +123,7 @@ impl CustomOp3 for LayerNorm {
             candle_core::bail!("layer_norm: weight and bias must have {d} values");
         }
         let mut y = vec![0f32; x.len()];
-        let chunk = rows_per_task(d) * d;
+        let chunk = rows_per_task(d, ROW_TASK_VALUES) * d;
         y.par_chunks_mut(chunk)
             .zip(x.par_chunks(chunk))
             .for_each(|(yc, xc)| {
@@ -181,7 +179,7 @@ impl CustomOp3 for LayerNormGrad {
             candle_core::bail!("layer_norm backward: inconsistent sizes");
         }
         let mut dx = vec![0f32; x.len()];
-        let chunk = rows_per_task(d) * d;
+        let chunk = rows_per_task(d, ROW_TASK_VALUES) * d;
         let partial: Vec<(Vec<f64>, Vec<f64>)> = dx
             .par_chunks_mut(chunk)
             .zip(x.par_chunks(chunk).zip(g.par_chunks(chunk)))
