@@ -121,5 +121,58 @@ fn main() -> Result<()> {
             ours_b / cand_b
         );
     }
+    forward_algorithms(&dev)
+}
+
+/// The forward pass of the 3×3 convolutions of SD's UNet (CFG batch of 2) and VAE decoder at 512², and of the
+/// training UNet: Winograd F(4×4, 3×3) (the default) against im2col + GEMM, and PyTorch when asked.
+fn forward_algorithms(dev: &Device) -> Result<()> {
+    let p1 = ConvParams {
+        stride: 1,
+        padding: 1,
+        dilation: 1,
+    };
+    let cases = [
+        ("train UNet 64ch 32² b8", (8, 64, 32, 32)),
+        ("train UNet 128ch 16² b8", (8, 128, 16, 16)),
+        ("SD UNet 320ch 64² b2", (2, 320, 64, 64)),
+        ("SD UNet 640ch 32² b2", (2, 640, 32, 32)),
+        ("SD UNet 640ch 32² b1", (1, 640, 32, 32)),
+        ("SD UNet 1280ch 16² b4", (4, 1280, 16, 16)),
+        ("SD UNet 1280ch 16² b2", (2, 1280, 16, 16)),
+        ("SD UNet 1280ch 8² b2", (2, 1280, 8, 8)),
+        ("SD VAE 512ch 64²", (1, 512, 64, 64)),
+        ("SD VAE 512ch 128²", (1, 512, 128, 128)),
+        ("SD VAE 256ch 256²", (1, 256, 256, 256)),
+        ("SD VAE 128ch 512²", (1, 128, 512, 512)),
+    ];
+    println!();
+    println!(
+        "{:<30} {:>10} {:>10} {:>7} {:>9} {:>7}",
+        "3×3 forward", "auto", "im2col", "ratio", "torch", "vs torch"
+    );
+    for (name, shape) in cases {
+        let c = shape.1;
+        let x = Tensor::randn(0f32, 1.0, shape, dev)?;
+        let k = (Tensor::randn(0f32, 1.0, (c, c, 3, 3), dev)? / (9.0 * c as f64).sqrt())?;
+        ldm_kernels::set_conv_algorithm(ldm_kernels::ConvAlgorithm::Auto);
+        let auto = time(|| conv2d(&x, &k, p1).map(|_| ()))?;
+        let want = conv2d(&x, &k, p1)?;
+        ldm_kernels::set_conv_algorithm(ldm_kernels::ConvAlgorithm::Im2col);
+        let direct = time(|| conv2d(&x, &k, p1).map(|_| ()))?;
+        let gap = (conv2d(&x, &k, p1)? - want)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        ldm_kernels::set_conv_algorithm(ldm_kernels::ConvAlgorithm::Auto);
+        let torch = torch_times(shape, c, 3, p1).map(|(f, _)| f);
+        let (tf, vs) = torch.map_or(("-".into(), "-".into()), |t| {
+            (format!("{t:.1}"), format!("{:.2}", auto / t))
+        });
+        println!(
+            "{name:<30} {auto:>10.1} {direct:>10.1} {:>7.2} {tf:>9} {vs:>7}   (max gap {gap:.1e})",
+            auto / direct
+        );
+    }
     Ok(())
 }

@@ -244,7 +244,9 @@ mod tests {
             let gap = (&ours - &theirs)?.abs()?.max_all()?.to_scalar::<f32>()?;
             assert!(gap < 1e-6 * h_max * h_max, "forward {shape:?}: {gap:e}");
             let r = Tensor::from_vec(
-                (0..ours.elem_count()).map(|i| ((i * 7 % 13) as f32 - 6.0) / 6.0).collect(),
+                (0..ours.elem_count())
+                    .map(|i| ((i * 7 % 13) as f32 - 6.0) / 6.0)
+                    .collect(),
                 ours.dims(),
                 &dev,
             )?;

@@ -12,7 +12,7 @@ pub mod norm;
 pub mod rows;
 
 pub use act::geglu;
-pub use conv::{conv2d, conv2d_bias, ConvParams};
+pub use conv::{conv2d, conv2d_bias, set_conv_algorithm, ConvAlgorithm, ConvParams};
 pub use nn::{Conv2d, GroupNorm, Linear};
 pub use norm::{group_norm, silu};
 pub use rows::{layer_norm, softmax_last_dim};

@@ -6,70 +6,21 @@ use candle_core::Module;
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 use ldm_models::autoencoder::blocks::AttnBlock;
-use ldm_models::autoencoder::{AutoencoderKl, AutoencoderKlConfig, DdConfig, DiagonalGaussian};
+use ldm_models::autoencoder::{AutoencoderKl, AutoencoderKlConfig, DiagonalGaussian};
 
 mod common;
+mod kl_fixture;
 use common::{assert_close, load};
-
-/// The first stage of every tiny fixture model (FIXTURE_CONTRACT.md).
-fn tiny_config() -> AutoencoderKlConfig {
-    AutoencoderKlConfig {
-        embed_dim: 4,
-        ddconfig: DdConfig {
-            ch: 32,
-            out_ch: 3,
-            ch_mult: vec![1, 2],
-            num_res_blocks: 1,
-            attn_resolutions: vec![],
-            in_channels: 3,
-            resolution: 32,
-            z_channels: 4,
-            double_z: true,
-            num_groups: 32,
-            attn_type: Default::default(),
-        },
-    }
-}
-
-fn check_model(model: &str) -> Result<()> {
-    let weights = load(&format!("{model}/model.safetensors"))?;
-    let vb = VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu);
-    let vae = AutoencoderKl::new(&tiny_config(), vb.pp("first_stage_model"))?;
-    let refs = load(&format!("{model}/ref.safetensors"))?;
-    let posterior = vae.encode(&refs["vae.image"])?;
-    assert_close(
-        &format!("{model} vae.mean"),
-        &posterior.mean,
-        &refs["vae.mean"],
-        1e-4,
-        1e-5,
-    )?;
-    assert_close(
-        &format!("{model} vae.logvar"),
-        &posterior.logvar,
-        &refs["vae.logvar"],
-        1e-4,
-        1e-5,
-    )?;
-    let decoded = vae.decode(&refs["vae.z"])?;
-    assert_close(
-        &format!("{model} vae.decoded"),
-        &decoded,
-        &refs["vae.decoded"],
-        1e-4,
-        1e-5,
-    )?;
-    Ok(())
-}
+use kl_fixture::{check_vae_fixture, tiny_vae_config};
 
 #[test]
 fn sd1_tiny_fp16_single_file_matches_diffusers() -> Result<()> {
-    check_model("sd1-tiny")
+    check_vae_fixture("sd1-tiny", 1e-5)
 }
 
 #[test]
 fn sd2v_tiny_bf16_single_file_matches_diffusers() -> Result<()> {
-    check_model("sd2v-tiny")
+    check_vae_fixture("sd2v-tiny", 1e-5)
 }
 
 #[test]
@@ -113,7 +64,7 @@ fn posterior_sample_is_mean_plus_std_times_noise() -> Result<()> {
 #[test]
 fn encode_and_decode_reject_wrong_shapes() -> Result<()> {
     let vb = VarBuilder::zeros(DType::F32, &Device::Cpu);
-    let vae = AutoencoderKl::new(&tiny_config(), vb)?;
+    let vae = AutoencoderKl::new(&tiny_vae_config(), vb)?;
     let odd = Tensor::zeros((1, 3, 31, 32), DType::F32, &Device::Cpu)?;
     assert!(
         vae.encode(&odd).is_err(),
