@@ -1,6 +1,6 @@
 //! Scaled dot-product attention for inference, softmax(q·kᵀ/√d)·v, in blocks of query rows: each task computes
-//! the scores of 64 queries against all keys (one GEMM), normalises them in place and multiplies by v (a second
-//! GEMM), so no [B, h, n, m] score tensor is ever built and no elementwise pass leaves the cache. Tasks run in
+//! the scores of 64 queries against all keys (one GEMM), exponentiates them in place (one pass, summing), multiplies
+//! by v (a second GEMM) and divides each query's output by its sum, so no [B, h, n, m] score tensor is ever built and no elementwise pass leaves the cache. Tasks run in
 //! parallel over (batch·head, query block) with single-threaded GEMMs. Forward only: training keeps the
 //! differentiable composite.
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
@@ -8,7 +8,7 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use crate::conv::{matmul, Mat};
-use crate::{f32_slice, softmax_rows_in_place};
+use crate::{exp_rows_in_place, f32_slice};
 
 /// Query rows per task.
 const QUERY_BLOCK: usize = 64;
@@ -76,8 +76,9 @@ impl CustomOp3 for Attention {
                 Mat::transposed(kh, d),
                 Parallelism::None,
             );
-            softmax_rows_in_place(&mut scores, m, self.scale);
-            // o[rows, dv] = p[rows, m] · v[m, dv]
+            let mut sums = vec![0f32; rows];
+            exp_rows_in_place(&mut scores, m, self.scale, &mut sums);
+            // o[rows, dv] = (e[rows, m] · v[m, dv]) / Σ_m e
             matmul(
                 (rows, dv, m),
                 o,
@@ -87,6 +88,12 @@ impl CustomOp3 for Attention {
                 Mat::rows(vh, dv),
                 Parallelism::None,
             );
+            for (orow, &sum) in o.chunks_mut(dv).zip(&sums) {
+                let inv = 1.0 / sum;
+                for x in orow {
+                    *x *= inv;
+                }
+            }
         });
         Ok((CpuStorage::F32(out), Shape::from((b, h, n, dv))))
     }

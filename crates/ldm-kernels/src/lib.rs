@@ -58,7 +58,7 @@ simd_fn! {
     /// Each row of `rows` (rows of length `d`) ← softmax(scale · row), in place.
     pub(crate) fn softmax_rows_in_place(rows: &mut [f32], d: usize, scale: f32) {
         for row in rows.chunks_mut(d) {
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let max = max_f32(row);
             for v in row.iter_mut() {
                 *v = exp_f32((*v - max) * scale);
             }
@@ -68,6 +68,48 @@ simd_fn! {
             }
         }
     }
+}
+
+simd_fn! {
+    /// Each row of `rows` (rows of length `d`) ← e^(scale·(row − max row)), in place, and its sum into `sums`:
+    /// softmax without the division, for callers that fold 1/sum into a smaller product (attention divides
+    /// its `dv` outputs per query instead of its `m` probabilities). One pass for the exponentials and the sum.
+    pub(crate) fn exp_rows_in_place(rows: &mut [f32], d: usize, scale: f32, sums: &mut [f32]) {
+        for (row, sum) in rows.chunks_mut(d).zip(sums.iter_mut()) {
+            let max = max_f32(row);
+            let mut total = 0f64;
+            for block in row.chunks_mut(4096) {
+                let mut lanes = [0f32; 8];
+                let mut it = block.chunks_exact_mut(8);
+                for c in &mut it {
+                    for (l, v) in lanes.iter_mut().zip(c.iter_mut()) {
+                        *v = exp_f32((*v - max) * scale);
+                        *l += *v;
+                    }
+                }
+                for v in it.into_remainder() {
+                    *v = exp_f32((*v - max) * scale);
+                    lanes[0] += *v;
+                }
+                total += lanes.iter().map(|&l| f64::from(l)).sum::<f64>();
+            }
+            *sum = total as f32;
+        }
+    }
+}
+
+/// The largest value of `x` (NaNs ignored, −∞ for none), in 8 lanes so that it vectorises.
+#[inline(always)]
+pub(crate) fn max_f32(x: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let mut it = x.chunks_exact(8);
+    for c in &mut it {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l = l.max(v);
+        }
+    }
+    let tail = it.remainder().iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    lanes.iter().copied().fold(tail, f32::max)
 }
 
 /// Rows of `width` values per parallel task, for about `values` values per task (at least one row).
@@ -248,6 +290,22 @@ mod math_tests {
         assert!(exp_f32(f32::NAN).is_nan());
         assert!((sigmoid(0.0) - 0.5).abs() < 1e-7);
         assert!(sigmoid(-200.0) >= 0.0 && sigmoid(200.0) == 1.0);
+    }
+
+    #[test]
+    fn max_f32_takes_every_lane_and_the_tail_and_skips_nan() {
+        for n in [1usize, 7, 8, 9, 17, 64] {
+            for at in 0..n {
+                let mut x: Vec<f32> = (0..n).map(|i| -(i as f32) - 1.0).collect();
+                x[at] = 5.0;
+                assert_eq!(max_f32(&x), 5.0, "n {n}, max at {at}");
+                x[(at + 1) % n] = f32::NAN;
+                let want = if n == 1 { f32::NEG_INFINITY } else { 5.0 };
+                assert_eq!(max_f32(&x), want, "n {n}, NaN beside the max at {at}");
+            }
+        }
+        assert_eq!(max_f32(&[]), f32::NEG_INFINITY);
+        assert_eq!(max_f32(&[f32::NAN, 1.0, f32::NAN]), 1.0);
     }
 
     #[test]
