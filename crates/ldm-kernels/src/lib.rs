@@ -108,7 +108,11 @@ pub(crate) fn max_f32(x: &[f32]) -> f32 {
             *l = l.max(v);
         }
     }
-    let tail = it.remainder().iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let tail = it
+        .remainder()
+        .iter()
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max);
     lanes.iter().copied().fold(tail, f32::max)
 }
 

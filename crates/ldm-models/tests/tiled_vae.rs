@@ -25,7 +25,10 @@ use ldm_models::autoencoder::{
 
 #[allow(dead_code)] // the shared helpers; this file uses `load` and `fixture` only
 mod common;
+#[allow(dead_code)] // this file uses the configuration only
+mod kl_fixture;
 use common::{fixture, load};
+use kl_fixture::tiny_vae_config;
 
 fn cfg(tile: usize, overlap: usize) -> TileConfig {
     TileConfig::new(tile, overlap).expect("valid test config")
@@ -207,22 +210,7 @@ fn degenerate_configurations_are_clear_errors() -> Result<()> {
 /// The first stage of the tiny fixture models (as in tests/vae.rs): f = 2, 32 channels in 32 groups, one
 /// ResNet block per level, attention only in the mid block.
 fn tiny_vae() -> Result<AutoencoderKl> {
-    let config = AutoencoderKlConfig {
-        embed_dim: 4,
-        ddconfig: DdConfig {
-            ch: 32,
-            out_ch: 3,
-            ch_mult: vec![1, 2],
-            num_res_blocks: 1,
-            attn_resolutions: vec![],
-            in_channels: 3,
-            resolution: 32,
-            z_channels: 4,
-            double_z: true,
-            num_groups: 32,
-            attn_type: AttnType::Vanilla,
-        },
-    };
+    let config = tiny_vae_config();
     let vb = VarBuilder::from_tensors(
         load("sd1-tiny/model.safetensors")?,
         DType::F32,

@@ -13,6 +13,8 @@ use ldm_models::autoencoder::{
 use ldm_models::import::{component_files, vq_key_map_for, DiffusersVqConfig, VQ_PREFIX};
 
 mod common;
+#[allow(dead_code)] // this file uses the configuration only
+mod kl_fixture;
 use common::{assert_close, fixture, load};
 
 const R: f32 = 1e-4;
@@ -407,23 +409,8 @@ fn codebook_and_latent_channel_mismatches_are_clear_errors() -> Result<()> {
 
 #[test]
 fn first_stage_kl_encodes_a_posterior_for_the_callers_noise() -> Result<()> {
-    use ldm_models::autoencoder::{AutoencoderKl, AutoencoderKlConfig};
-    let config = AutoencoderKlConfig {
-        embed_dim: 4,
-        ddconfig: DdConfig {
-            ch: 32,
-            out_ch: 3,
-            ch_mult: vec![1, 2],
-            num_res_blocks: 1,
-            attn_resolutions: vec![],
-            in_channels: 3,
-            resolution: 32,
-            z_channels: 4,
-            double_z: true,
-            num_groups: 32,
-            attn_type: AttnType::Vanilla,
-        },
-    };
+    use ldm_models::autoencoder::AutoencoderKl;
+    let config = kl_fixture::tiny_vae_config();
     let vb = VarBuilder::from_tensors(
         load("sd1-tiny/model.safetensors")?,
         DType::F32,
