@@ -33,24 +33,9 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FIXTURE = os.path.join(REPO, "fixtures", "sd1-tiny", "diffusers")
 
-# The SD1.5 UNet and VAE configs and the weight rule are the CPU benchmark's (same directory).
+# The SD1.5 UNet, VAE and text-encoder configs and the weight rule are the CPU benchmark's (same directory).
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from torch_sd15 import SD15_UNET, SD_VAE, randomize  # noqa: E402
-
-CLIP_L = dict(
-    vocab_size=49408,
-    hidden_size=768,
-    intermediate_size=3072,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-    max_position_embeddings=77,
-    hidden_act="quick_gelu",
-    layer_norm_eps=1e-5,
-    projection_dim=768,
-    bos_token_id=0,
-    eos_token_id=2,
-    pad_token_id=1,
-)
+from torch_sd15 import SD15_CLIP_TEXT, SD15_UNET, SD_VAE, randomize  # noqa: E402
 
 
 def log(msg):
@@ -66,7 +51,7 @@ def make(out_dir, device):
     with torch.device(device):
         unet = randomize(UNet2DConditionModel(**SD15_UNET))
         vae = randomize(AutoencoderKL(**SD_VAE))
-        text = randomize(CLIPTextModel(CLIPTextConfig(**CLIP_L)))
+        text = randomize(CLIPTextModel(CLIPTextConfig(**SD15_CLIP_TEXT)))
     tok_dir = os.path.join(FIXTURE, "tokenizer")
     tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
     with open(os.path.join(FIXTURE, "scheduler", "scheduler_config.json")) as f:

@@ -45,7 +45,7 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
-from torch_sd15 import SD15_UNET, SD_VAE  # noqa: E402
+from torch_sd15 import SD15_CLIP_TEXT, SD15_UNET, SD_VAE  # noqa: E402
 
 FILE_NAME = "sd15-random-fp16.safetensors"
 SCALE_FACTOR = 0.18215
@@ -63,20 +63,7 @@ def vae_config():
 
 def text_config():
     """openai/clip-vit-large-patch14's text tower, as stable-diffusion-v1-5/text_encoder/config.json."""
-    return CLIPTextConfig(
-        vocab_size=49408,
-        hidden_size=768,
-        intermediate_size=3072,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        max_position_embeddings=77,
-        hidden_act="quick_gelu",
-        layer_norm_eps=1e-5,
-        projection_dim=768,
-        bos_token_id=0,
-        eos_token_id=2,
-        pad_token_id=1,
-    )
+    return CLIPTextConfig(**SD15_CLIP_TEXT)
 
 
 def original_yaml():

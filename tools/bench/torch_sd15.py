@@ -59,6 +59,23 @@ SD_VAE = dict(
     sample_size=512,
 )
 
+# openai/clip-vit-large-patch14's text tower, as stable-diffusion-v1-5/text_encoder/config.json (CLIPTextConfig
+# keyword arguments; the txt2img benchmarks build it, this file's UNet/VAE workloads do not).
+SD15_CLIP_TEXT = dict(
+    vocab_size=49408,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    layer_norm_eps=1e-5,
+    projection_dim=768,
+    bos_token_id=0,
+    eos_token_id=2,
+    pad_token_id=1,
+)
+
 
 def env_int(name, default):
     v = os.environ.get(name)
