@@ -8,7 +8,7 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use crate::{exp_f32, f32_slice, rows_per_task, simd_fn};
+use crate::{exp_f32, f32_slice, horner, rows_per_task, simd_fn};
 
 /// erf(x) in f32 without a libm call: x·P(x²)/Q(x²) on |x| ≤ 3.92 (beyond, erf rounds to ±1 in f32), a rational
 /// approximation fitted for ldm-rs by reweighted least squares in f64 (tools/fixtures/erf_fit.py). Relative
@@ -35,19 +35,7 @@ pub(crate) fn erf_f32(x: f32) -> f32 {
     ];
     let x = x.clamp(-3.92, 3.92);
     let t = x * x;
-    let p = P[6];
-    let p = p * t + P[5];
-    let p = p * t + P[4];
-    let p = p * t + P[3];
-    let p = p * t + P[2];
-    let p = p * t + P[1];
-    let p = p * t + P[0];
-    let q = Q[5];
-    let q = q * t + Q[4];
-    let q = q * t + Q[3];
-    let q = q * t + Q[2];
-    let q = q * t + Q[1];
-    let q = q * t + Q[0];
+    let (p, q) = (horner(P, t), horner(Q, t));
     x * p / q
 }
 

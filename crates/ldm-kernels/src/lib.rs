@@ -152,14 +152,28 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
     // float-to-int conversion compiles to a scalar convert and compares per lane, which kept this loop scalar.
     let n_int = (shifted.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
     let r = (x - n * LN2_HI) - n * LN2_LO;
-    let p = 1.987_569_1e-4;
-    let p = p * r + 1.398_199_9e-3;
-    let p = p * r + 8.333_452e-3;
-    let p = p * r + 4.166_579_6e-2;
-    let p = p * r + 1.666_666_5e-1;
-    let p = p * r + 0.5;
+    let p = horner(
+        [
+            0.5,
+            1.666_666_5e-1,
+            4.166_579_6e-2,
+            8.333_452e-3,
+            1.398_199_9e-3,
+            1.987_569_1e-4,
+        ],
+        r,
+    );
     let e = p * (r * r) + r + 1.0;
     e * f32::from_bits((n_int.wrapping_add(127) as u32) << 23)
+}
+
+/// c₀ + t·(c₁ + t·(… + t·c_{N−1})) by Horner's rule, the last coefficient first. Always inlined, with the
+/// array's length known, so it unrolls into the same multiply-adds as a written-out chain and loops over it
+/// vectorise.
+#[inline(always)]
+pub(crate) fn horner<const N: usize>(c: [f32; N], t: f32) -> f32 {
+    let (&last, rest) = c.split_last().expect("at least one coefficient");
+    rest.iter().rev().fold(last, |acc, &ci| acc * t + ci)
 }
 
 /// The logistic function 1/(1 + e^−x) through [`exp_f32`].
