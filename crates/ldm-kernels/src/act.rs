@@ -62,6 +62,9 @@ fn inner_of(l: &Layout) -> Result<usize> {
     }
 }
 
+/// Input values per parallel task (rows of h are 2·inner wide, 5120 in SD's UNet).
+const TASK_VALUES: usize = 1 << 16;
+
 struct Geglu;
 
 impl CustomOp1 for Geglu {
@@ -73,7 +76,7 @@ impl CustomOp1 for Geglu {
         let inner = inner_of(l)?;
         let h = f32_slice(s, l, "geglu", "input")?;
         let mut y = vec![0f32; h.len() / 2];
-        let rows = rows_per_task(2 * inner, 1 << 16);
+        let rows = rows_per_task(2 * inner, TASK_VALUES);
         y.par_chunks_mut(rows * inner)
             .zip(h.par_chunks(rows * 2 * inner))
             .for_each(|(yc, hc)| geglu_rows(yc, hc, inner));
@@ -113,7 +116,7 @@ impl CustomOp2 for GegluGrad {
             candle_core::bail!("geglu backward: inconsistent sizes");
         }
         let mut dh = vec![0f32; h.len()];
-        let rows = rows_per_task(2 * inner, 1 << 16);
+        let rows = rows_per_task(2 * inner, TASK_VALUES);
         dh.par_chunks_mut(rows * 2 * inner)
             .zip(
                 h.par_chunks(rows * 2 * inner)
